@@ -1,0 +1,1 @@
+"""Moral alignment of LLM agents with intrinsic rewards, in JAX."""
