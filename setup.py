@@ -26,7 +26,9 @@ setup(
         "chex>=0.1.88",
         "ml-collections>=1.0",
         "tensorboard>=2.18",
-        "transformers>=4.46",
+        # 5.x: the GGUF tokenizer converter that moral_rl calls without
+        # PyTorch lives in transformers.integrations.gguf from 5.0 on.
+        "transformers>=5.0,<6",
         "gguf>=0.10",
         "safetensors>=0.4",
         "numpy>=1.26",
@@ -35,6 +37,8 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=4",
         "matplotlib>=3.8",
+        # Chat templates are jinja2 templates rendered by transformers.
+        "jinja2>=3.1",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100"],

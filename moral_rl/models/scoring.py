@@ -1,0 +1,200 @@
+"""Exact log-probabilities of given continuations after prompts.
+
+This is the building block of the exact action distributions: the
+probability that the model's answer starts with a token sequence is the
+product of its teacher-forced token probabilities. Everything not covered by
+the given continuations is reported as one "rest" probability.
+
+Prompts that share a common beginning (the game rules, say) can pass it as
+`prefix`: it runs once, and the prompts attend to its cache, which cuts the
+work of the shared part by the batch size.
+
+Functions here compute one adapter's result; callers `jax.vmap` over an
+adapter axis.
+"""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moral_rl.models.transformer import (KVCache, Transformer,
+                                         positions_from_valid)
+
+
+class ScoreOutput(NamedTuple):
+    """Result of `score_continuations`.
+
+    Attributes:
+      log_probs: [B, K] log-probability of each continuation after each
+        prompt.
+      rest_log_prob: [B] log of the probability left for every other answer.
+      last_hidden: [B, D] final hidden state at the last prompt token (the
+        input of a value head).
+    """
+
+    log_probs: jax.Array
+    rest_log_prob: jax.Array
+    last_hidden: jax.Array
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int,
+             length: int | None = None):
+    """Left-pad token lists into arrays.
+
+    Left padding puts every prompt's last token in the last column, where the
+    next-token distribution is read.
+
+    Returns:
+      tokens [B, T] int32 and valid [B, T] bool (numpy).
+    """
+    longest = max(len(s) for s in sequences)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"A sequence has {longest} tokens, more than the "
+                         f"padded length {length}.")
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    valid = np.zeros((len(sequences), length), bool)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            tokens[row, length - len(seq):] = seq
+            valid[row, length - len(seq):] = True
+    return tokens, valid
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int):
+    """Right-pad token lists (continuations) into [K, C] tokens and valid."""
+    length = max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    valid = np.zeros((len(sequences), length), bool)
+    for row, seq in enumerate(sequences):
+        tokens[row, :len(seq)] = seq
+        valid[row, :len(seq)] = True
+    return tokens, valid
+
+
+def split_common_prefix(sequences: Sequence[Sequence[int]],
+                        keep_last: int = 1):
+    """Split token lists into their longest common prefix and the rests.
+
+    Args:
+      sequences: token lists.
+      keep_last: minimum number of tokens every rest keeps, so each prompt
+        still has its own last position.
+
+    Returns:
+      (prefix list, list of remaining token lists).
+    """
+    shortest = min(len(s) for s in sequences)
+    common = 0
+    while common < shortest - keep_last and all(
+            s[common] == sequences[0][common] for s in sequences):
+        common += 1
+    prefix = list(sequences[0][:common])
+    return prefix, [list(s[common:]) for s in sequences]
+
+
+def check_prefix_free(continuations: Sequence[Sequence[int]]) -> None:
+    """Raise if one continuation starts with another.
+
+    The probabilities of prefix-free continuations are of disjoint events,
+    so they can be added up and the rest mass is 1 minus their sum.
+    """
+    for i, first in enumerate(continuations):
+        if not first:
+            raise ValueError(f"Continuation {i} is empty.")
+        for j, second in enumerate(continuations):
+            if i != j and list(second[:len(first)]) == list(first):
+                raise ValueError(
+                    f"Continuation {list(first)} is a prefix of "
+                    f"{list(second)}; their probabilities would overlap. "
+                    "Pass prefix-free continuations."
+                )
+
+
+def _repeat_rows(cache: KVCache, times: int) -> KVCache:
+    return KVCache(
+        k=jnp.repeat(cache.k, times, axis=1),
+        v=jnp.repeat(cache.v, times, axis=1),
+        positions=jnp.repeat(cache.positions, times, axis=0),
+        valid=jnp.repeat(cache.valid, times, axis=0))
+
+
+def log_rest(log_probs):
+    """Return log(1 - sum(exp(log_probs))) over the last axis, safely."""
+    total = jnp.sum(jnp.exp(log_probs), axis=-1)
+    return jnp.log1p(-jnp.clip(total, 0.0, 1.0 - 1e-7))
+
+
+def score_continuations(model: Transformer, variables, tokens, valid,
+                        continuations, continuation_valid,
+                        prefix=None) -> ScoreOutput:
+    """Teacher-force each continuation after each prompt.
+
+    log P(c | prompt) = sum_i log p(c_i | prompt, c_<i) over c's valid tokens.
+
+    Args:
+      model: the Transformer (with or without LoRA).
+      variables: {"params": base} plus {"lora": one adapter} if adapted.
+      tokens: [B, T] left-padded prompt tokens (after `prefix`).
+      valid: [B, T] bool.
+      continuations: [K, C] right-padded continuation tokens, prefix-free.
+      continuation_valid: [K, C] bool; column 0 must be all True.
+      prefix: optional [P] tokens that come before every prompt.
+
+    Returns:
+      ScoreOutput with [B, K] log-probs, [B] rest log-prob, [B, D] hidden.
+    """
+    batch = tokens.shape[0]
+    num_cont, cont_len = continuations.shape
+
+    # Shared prefix once, broadcast to every prompt.
+    cache = None
+    start = jnp.zeros((batch,), jnp.int32)
+    if prefix is not None and prefix.shape[0]:
+        prefix_tokens = prefix[None, :]
+        prefix_valid = jnp.ones_like(prefix_tokens, bool)
+        _, cache = model.apply(variables, prefix_tokens,
+                               positions_from_valid(prefix_valid),
+                               prefix_valid)
+        cache = cache.broadcast_to(batch)
+        start = start + prefix.shape[0]
+
+    # The prompts themselves.
+    positions = positions_from_valid(valid, start)
+    hidden, prompt_cache = model.apply(variables, tokens, positions, valid,
+                                       cache)
+    cache = prompt_cache if cache is None else cache.concat(prompt_cache)
+    last_hidden = hidden[:, -1]  # [B, D]
+    prompt_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
+
+    # First continuation token, read at the last prompt position.
+    first_logits = model.apply(variables, last_hidden,
+                               method=Transformer.unembed)
+    first_log_probs = jax.nn.log_softmax(first_logits, axis=-1)  # [B, V]
+    log_probs = first_log_probs[:, continuations[:, 0]]  # [B, K]
+
+    # Later tokens: feed the continuation (all but its last token) after
+    # each prompt, batched as B * K rows over the repeated prompt cache.
+    if cont_len > 1:
+        inputs = jnp.tile(continuations[:, :-1], (batch, 1))  # [B*K, C-1]
+        inputs_valid = jnp.tile(continuation_valid[:, :-1], (batch, 1))
+        row_start = jnp.repeat(prompt_lengths, num_cont)
+        cont_positions = positions_from_valid(
+            jnp.ones_like(inputs_valid), row_start)
+        cont_hidden, _ = model.apply(
+            variables, inputs, cont_positions, inputs_valid,
+            _repeat_rows(cache, num_cont))
+        cont_logits = model.apply(variables, cont_hidden,
+                                  method=Transformer.unembed)
+        cont_log_probs = jax.nn.log_softmax(cont_logits, axis=-1)
+        targets = jnp.tile(continuations[:, 1:], (batch, 1))  # [B*K, C-1]
+        picked = jnp.take_along_axis(cont_log_probs, targets[..., None],
+                                     axis=-1)[..., 0]
+        target_valid = jnp.tile(continuation_valid[:, 1:], (batch, 1))
+        later = jnp.sum(jnp.where(target_valid, picked, 0.0), axis=-1)
+        log_probs = log_probs + later.reshape(batch, num_cont)
+
+    return ScoreOutput(log_probs=log_probs, rest_log_prob=log_rest(log_probs),
+                       last_hidden=last_hidden)
