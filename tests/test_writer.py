@@ -61,7 +61,8 @@ def test_scalars_jsonl_records(tmp_path):
     writer.write_scalars(2, {"a": np.int32(4)})
     writer.flush()
 
-    assert read_jsonl(tmp_path) == [{"step": 1, "a": 1.0, "b": 2.5}, {"step": 2, "a": 4.0}]
+    expected = [{"step": 1, "a": 1.0, "b": 2.5}, {"step": 2, "a": 4.0}]
+    assert read_jsonl(tmp_path) == expected
     writer.close()
 
 
@@ -119,9 +120,8 @@ def test_images_reject_bad_input(tmp_path):
 def test_hparams_session_start_info(tmp_path):
     writer = writer_lib.MetricWriter(tmp_path)
 
-    writer.write_hparams(
-        {"seed": 3, "ppo": {"clip_eps": np.float32(0.25), "kl_target": None}, "on": True}
-    )
+    ppo_hparams = {"clip_eps": np.float32(0.25), "kl_target": None}
+    writer.write_hparams({"seed": 3, "ppo": ppo_hparams, "on": True})
     writer.close()
 
     events = load_events(tmp_path)
