@@ -5,10 +5,12 @@ train-state pytree (`ocp.args.StandardSave`), and `metadata`, a JSON dict
 (`ocp.args.JsonSave`) with the caller's metadata and the paths of typed
 PRNG keys in the state.
 
-Typed PRNG keys (`jax.random.key`) have no array storage format, so `save`
-stores each one as its `jax.random.key_data` (uint32) and records its path
-and implementation name. `restore` wraps that data back into a typed key with
-`jax.random.wrap_key_data`, so a restored key draws the same numbers.
+Typed PRNG keys (`jax.random.key`) are stored as their `jax.random.key_data`
+(uint32), with their path and implementation name in the metadata. The files
+then hold plain integer arrays that restore without a target, whatever key
+support the installed orbax version has. `restore` wraps the data back into
+typed keys with `jax.random.wrap_key_data`, so a restored key draws the same
+numbers.
 
 Saves are atomic. With orbax-checkpoint 0.12 on a local file system the
 manager uses `AtomicRenameTemporaryPath`: a step is written into
