@@ -12,6 +12,7 @@ from moral_rl.games.payoffs import Game
 from moral_rl.games.payoffs import ILLEGAL
 from moral_rl.games.payoffs import get_game
 from moral_rl.games.payoffs import make_game
+from moral_rl.games.payoffs import player_payoffs
 from moral_rl.games.payoffs import round_payoffs
 
 # Environment.

@@ -118,15 +118,15 @@ def reset(key: jax.Array, params: EnvParams) -> GameState:
       kind == opponents_lib.ALWAYS_DEFECT, DEFECT, prev_action_o
   ).astype(jnp.int32)
 
-  payoff = payoffs_lib.round_payoffs(
+  payoff_m, payoff_o = payoffs_lib.player_payoffs(
       prev_action_m, prev_action_o, params.payoffs
   )
   zero = jnp.zeros((), jnp.float32)
   return GameState(
       prev_action_m=prev_action_m,
       prev_action_o=prev_action_o,
-      prev_payoff_m=payoff[0],
-      prev_payoff_o=payoff[1],
+      prev_payoff_m=payoff_m,
+      prev_payoff_o=payoff_o,
       round=jnp.zeros((), jnp.int32),
       return_m=zero,
       return_o=zero,
@@ -153,19 +153,21 @@ def step_actions(
 
   action_m = jnp.asarray(action_m, jnp.int32)
   action_o = jnp.asarray(action_o, jnp.int32)
-  payoff = payoffs_lib.round_payoffs(action_m, action_o, params.payoffs)
+  payoff_m, payoff_o = payoffs_lib.player_payoffs(
+      action_m, action_o, params.payoffs
+  )
 
   new_state = GameState(
       prev_action_m=action_m,
       prev_action_o=action_o,
-      prev_payoff_m=payoff[0],
-      prev_payoff_o=payoff[1],
+      prev_payoff_m=payoff_m,
+      prev_payoff_o=payoff_o,
       round=state.round + 1,
-      return_m=state.return_m + payoff[0],
-      return_o=state.return_o + payoff[1],
+      return_m=state.return_m + payoff_m,
+      return_o=state.return_o + payoff_o,
       m_defected_ever=state.m_defected_ever | (action_m != COOPERATE),
   )
-  return new_state, payoff
+  return new_state, jnp.stack([payoff_m, payoff_o])
 
 
 def step(

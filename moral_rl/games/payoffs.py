@@ -154,13 +154,42 @@ def get_game(name: str) -> Game:
   return GAMES[name]
 
 
+def player_payoffs(
+    action_m: jax.Array, action_o: jax.Array, payoffs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Game points of both players for one round, as two scalars.
+
+  Written with selects over the four cells, not a gather, and with two
+  scalar outputs, not a stacked [2] array, so that XLA on CPU fuses a
+  vmapped round into one elementwise loop.
+
+  Args:
+    action_m: int32 [], M's action.
+    action_o: int32 [], O's action.
+    payoffs: float32 [2, 2, 2].
+
+  Returns:
+    (payoff_m, payoff_o), float32 [] each; both 0 if either action is
+    illegal.
+  """
+  chex.assert_shape(payoffs, (2, 2, 2))
+
+  m_c = action_m == COOPERATE
+  o_c = action_o == COOPERATE
+  legal = (m_c | (action_m == DEFECT)) & (o_c | (action_o == DEFECT))
+
+  def cell_value(player):
+    row_c = jnp.where(o_c, payoffs[0, 0, player], payoffs[0, 1, player])
+    row_d = jnp.where(o_c, payoffs[1, 0, player], payoffs[1, 1, player])
+    return jnp.where(legal, jnp.where(m_c, row_c, row_d), 0.0)
+
+  return cell_value(0), cell_value(1)
+
+
 def round_payoffs(
     action_m: jax.Array, action_o: jax.Array, payoffs: jax.Array
 ) -> jax.Array:
   """Game points of both players for one round.
-
-  Written with selects over the four cells, not a gather, because XLA on CPU
-  fuses selects into one loop when vmapped.
 
   Args:
     action_m: int32 [], M's action.
@@ -170,12 +199,4 @@ def round_payoffs(
   Returns:
     float32 [2], (payoff_m, payoff_o); both 0 if either action is illegal.
   """
-  chex.assert_shape(payoffs, (2, 2, 2))
-
-  m_c = action_m == COOPERATE
-  o_c = action_o == COOPERATE
-  legal = (m_c | (action_m == DEFECT)) & (o_c | (action_o == DEFECT))
-  row_c = jnp.where(o_c, payoffs[0, 0], payoffs[0, 1])  # [2]
-  row_d = jnp.where(o_c, payoffs[1, 0], payoffs[1, 1])  # [2]
-  cell = jnp.where(m_c, row_c, row_d)  # [2]
-  return jnp.where(legal, cell, jnp.zeros_like(cell))
+  return jnp.stack(player_payoffs(action_m, action_o, payoffs))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moral_rl.games.payoffs import COOPERATE, DEFECT, round_payoffs
+from moral_rl.games.payoffs import COOPERATE, DEFECT, player_payoffs
 
 BASE_REWARDS = (
     "game",
@@ -73,6 +73,30 @@ def is_legal(action: jax.Array) -> jax.Array:
   return (action == COOPERATE) | (action == DEFECT)
 
 
+def _base_reward_values(
+    action_m, action_o, prev_action_o, payoffs, params
+) -> tuple[jax.Array, ...]:
+  """Base rewards for a legal M move as a tuple of float32 [] scalars.
+
+  Scalars, not a stacked array, keep a vmapped reward one fused loop on CPU.
+  """
+  chex.assert_rank([action_m, action_o, prev_action_o], 0)
+  chex.assert_shape(payoffs, (2, 2, 2))
+
+  payoff_m, payoff_o = player_payoffs(action_m, action_o, payoffs)
+  betrayed = (action_m == DEFECT) & (prev_action_o == COOPERATE)
+  zero = jnp.zeros((), jnp.float32)
+
+  return (
+      payoff_m,
+      jnp.where(betrayed, -params.xi, zero),
+      payoff_m + payoff_o,
+      -jnp.abs(payoff_m - payoff_o),
+      jnp.where(action_m == COOPERATE, params.xi, zero),
+      jnp.minimum(payoff_m, payoff_o),
+  )
+
+
 def base_rewards(
     action_m: jax.Array,
     action_o: jax.Array,
@@ -82,29 +106,16 @@ def base_rewards(
 ) -> jax.Array:
   """Values of all base rewards for a legal move by M.
 
-  The values for an illegal M move are meaningless here: the callers replace
-  them with `r_illegal`.
+  The values for an illegal M move are meaningless here: the reward
+  functions replace them with `r_illegal`.
 
   Returns:
     float32 [len(BASE_REWARDS)] in the order of `BASE_REWARDS`.
   """
-  chex.assert_rank([action_m, action_o, prev_action_o], 0)
-  chex.assert_shape(payoffs, (2, 2, 2))
-
-  payoff = round_payoffs(action_m, action_o, payoffs)
-  payoff_m = payoff[0]
-  payoff_o = payoff[1]
-  betrayed = (action_m == DEFECT) & (prev_action_o == COOPERATE)
-  zero = jnp.zeros((), jnp.float32)
-
-  return jnp.stack([
-      payoff_m,
-      jnp.where(betrayed, -params.xi, zero),
-      payoff_m + payoff_o,
-      -jnp.abs(payoff_m - payoff_o),
-      jnp.where(action_m == COOPERATE, params.xi, zero),
-      jnp.minimum(payoff_m, payoff_o),
-  ]).astype(jnp.float32)
+  values = _base_reward_values(
+      action_m, action_o, prev_action_o, payoffs, params
+  )
+  return jnp.stack(values).astype(jnp.float32)
 
 
 def moral_reward(
@@ -132,8 +143,11 @@ def moral_reward(
   """
   chex.assert_shape(params.weights, (len(BASE_REWARDS),))
 
-  values = base_rewards(action_m, action_o, prev_action_o, payoffs, params)
-  mixed = jnp.dot(params.weights, values)
+  values = _base_reward_values(
+      action_m, action_o, prev_action_o, payoffs, params
+  )
+  # An unrolled sum, not jnp.dot, so XLA fuses it with the rest of the round.
+  mixed = sum(params.weights[i] * value for i, value in enumerate(values))
   return jnp.where(is_legal(action_m), mixed, params.r_illegal).astype(
       jnp.float32
   )
@@ -141,7 +155,9 @@ def moral_reward(
 
 def _base_or_illegal(index, action_m, action_o, prev_action_o, payoffs, params):
   """One base reward for a legal M move, r_illegal for an illegal one."""
-  values = base_rewards(action_m, action_o, prev_action_o, payoffs, params)
+  values = _base_reward_values(
+      action_m, action_o, prev_action_o, payoffs, params
+  )
   return jnp.where(is_legal(action_m), values[index], params.r_illegal)
 
 
