@@ -4,9 +4,9 @@ One game-step is one round of one game: O's action, the env transition and
 M's moral reward. M's actions come from a fixed distribution (45% C, 45% D,
 10% illegal). The rounds run in `jax.lax.scan` to amortise dispatch. One
 threefry word per game and round supplies a byte for M's action and a byte
-for O's uniform draw; drawing the words for blocks of 2 to 100 rounds at
-once measured slower on a 2-core CPU (jax 0.10.2), probably because the block is
-written to memory and read back.
+for O's uniform draw. Drawing the words for blocks of 2 to 100 rounds at
+once measured slower on a 2-core CPU (jax 0.10.2). The likely cause is that
+the block is written to memory and read back.
 
 Run: PYTHONPATH=$PWD /work/venv/bin/python benchmarks/env_throughput.py
 """
@@ -27,7 +27,10 @@ _M_DEFECT_BELOW = 230
 
 
 def _play_round(states, total_reward, byte_m, byte_o, params):
-  """Play one round in every game; the byte arrays are uint32 [N] in [0, 256)."""
+  """Play one round in every game.
+
+  The byte arrays are uint32 [N] with values in [0, 256).
+  """
   action_m = jnp.where(
       byte_m < _M_COOPERATE_BELOW,
       games.COOPERATE,
@@ -105,7 +108,9 @@ def main():
   parser.add_argument("--reward", default="game_deontological",
                       help="reward name, see games.REWARDS")
   args = parser.parse_args()
-  params = games.make_env_params("prisoners_dilemma", args.opponent, args.reward)
+  params = games.make_env_params(
+      "prisoners_dilemma", args.opponent, args.reward
+  )
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{args.num_rounds} rounds, opponent {args.opponent}, "
         f"reward {args.reward}")

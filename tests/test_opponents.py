@@ -126,10 +126,18 @@ def test_make_opponent_unknown_lists_names():
     "name, kwargs, match",
     [
         ("random", {"p_cooperate": 1.5}, "p_cooperate=1.5"),
-        ("generous_tit_for_tat", {"forgiveness": float("nan")}, "forgiveness=nan"),
+        (
+            "generous_tit_for_tat",
+            {"forgiveness": float("nan")},
+            "forgiveness=nan",
+        ),
         ("memory_one", {"coop_probs": (1, 0, 1)}, r"coop_probs=\(1, 0, 1\)"),
         ("memory_one", {}, "Missing coop_probs"),
-        ("tit_for_tat", {"p_cooperate": 0.5}, r"\['p_cooperate'\].*'tit_for_tat'"),
+        (
+            "tit_for_tat",
+            {"p_cooperate": 0.5},
+            r"\['p_cooperate'\].*'tit_for_tat'",
+        ),
     ],
 )
 def test_make_opponent_rejects_bad_arguments(name, kwargs, match):

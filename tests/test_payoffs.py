@@ -1,4 +1,5 @@
-"""Payoff tables: the paper's numbers, validation of user games, lookups.
+"""Payoff tables: the numbers of Tennant et al. (Moral Alignment for LLM
+Agents, ICLR 2025), validation of user games, and lookups.
 
 Tables are indexed [action_m, action_o, player] with C = 0, D = 1 and
 player 0 = M (row), 1 = O (column).
@@ -88,7 +89,9 @@ def test_round_payoffs_reads_cells():
   for action_m, action_o, expected in [
       (0, 0, (3, 3)), (0, 1, (0, 4)), (1, 0, (4, 0)), (1, 1, (1, 1))
   ]:
-    result = payoffs.round_payoffs(jnp.int32(action_m), jnp.int32(action_o), table)
+    result = payoffs.round_payoffs(
+        jnp.int32(action_m), jnp.int32(action_o), table
+    )
     np.testing.assert_array_equal(result, expected)
 
 

@@ -1,11 +1,10 @@
-"""Moral rewards: the paper's definitions on the Prisoner's Dilemma,
-mixtures as weighted sums, r_illegal for illegal moves, and validation.
+"""Moral rewards: the definitions of Tennant et al. (Moral Alignment for LLM
+Agents, ICLR 2025) on the Prisoner's Dilemma, mixtures as weighted sums,
+r_illegal for illegal moves, and validation.
 
 C = 0, D = 1, ILLEGAL = 2. An illegal move by M earns r_illegal (-6) under
 every reward type, unscaled by the mixture weights.
 """
-
-import functools
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -53,7 +52,6 @@ SINGLE_FNS = {
 }
 
 _reward = jax.jit(rewards.moral_reward)
-_base = jax.jit(rewards.base_rewards)
 
 
 def _args(action_m, action_o, prev_action_o):
@@ -78,7 +76,8 @@ def test_single_functions_match_pd_table(actions):
 def test_rewards_vmap_over_reward_types():
   names = ("game", "deontological", "utilitarian", "game_deontological")
   stacked = jax.tree.map(
-      lambda *leaves: jnp.stack(leaves), *[rewards.make_reward(n) for n in names]
+      lambda *leaves: jnp.stack(leaves),
+      *[rewards.make_reward(name) for name in names],
   )
   values = jax.vmap(rewards.moral_reward, (None, None, None, None, 0))(
       *_args(D, C, C), PD, stacked
@@ -87,7 +86,8 @@ def test_rewards_vmap_over_reward_types():
 
 
 def test_illegal_mixture_is_unscaled_r_illegal():
-  params = rewards.make_reward({"game": 2.0, "utilitarian": 0.5}, r_illegal=-7.5)
+  weights = {"game": 2.0, "utilitarian": 0.5}
+  params = rewards.make_reward(weights, r_illegal=-7.5)
   assert float(_reward(*_args(I, D, C), PD, params)) == -7.5
 
 
@@ -121,7 +121,9 @@ def test_utilitarian_symmetric_under_swap(table, action_m, action_o):
     payoff_tables, any_action, legal, legal,
     st.lists(st.floats(0, 5), min_size=6, max_size=6).filter(any),
 )
-def test_mixture_equals_weighted_sum(table, action_m, action_o, prev_o, weights):
+def test_mixture_equals_weighted_sum(
+    table, action_m, action_o, prev_o, weights
+):
   params = rewards.make_reward(dict(zip(rewards.BASE_REWARDS, weights)))
   table = jnp.asarray(table)
   args = _args(action_m, action_o, prev_o)

@@ -1,7 +1,7 @@
 """The iterated 2x2 game as pure functions, in the style of gymnax.
 
-Nothing here holds state: `GameState` and `EnvParams` are pytrees passed in
-and returned, so callers jit and vmap over games (state and key with
+No object here stores state. `GameState` and `EnvParams` are pytrees passed
+in and returned, so callers jit and vmap over games (state and key with
 in_axes=0) and over settings (params with in_axes=0, or None to broadcast).
 Every function is written for one game.
 
@@ -135,7 +135,10 @@ def reset(key: jax.Array, params: EnvParams) -> GameState:
 
 
 def step_actions(
-    state: GameState, action_m: jax.Array, action_o: jax.Array, params: EnvParams
+    state: GameState,
+    action_m: jax.Array,
+    action_o: jax.Array,
+    params: EnvParams,
 ) -> tuple[GameState, jax.Array]:
   """Play one round with both actions given (for two learners or replays).
 

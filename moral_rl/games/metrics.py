@@ -164,7 +164,8 @@ def aggregate_metrics(metrics: StepMetrics) -> dict[str, jax.Array]:
   type_fractions = metrics.action_type.mean(axis=type_axes)  # [6]
 
   summary = {
-      f"actions/{name}": type_fractions[i] for i, name in enumerate(ACTION_TYPES)
+      f"actions/{name}": type_fractions[i]
+      for i, name in enumerate(ACTION_TYPES)
   }
   summary["actions/cooperation"] = metrics.cooperated.mean()
   summary["actions/illegal"] = metrics.illegal.mean()

@@ -1,12 +1,12 @@
 """Fixed-strategy opponents O of the iterated games, as data.
 
-Every opponent is an `OpponentParams` record: an integer `kind` and a
-memory-one table `coop_probs` [4], the probability that O cooperates given
-last round's moves (M's previous move, O's previous move) in the order
-(C, C), (C, D), (D, C), (D, D). All named strategies except GrimTrigger are
-memory-one, so one compiled function that looks up that table (by selects,
-not a gather) serves every kind and can be vmapped over opponents.
-GrimTrigger also reads `state.m_defected_ever`.
+Every opponent is an `OpponentParams` record with an integer `kind` and a
+memory-one table `coop_probs` [4]. The table contains the probability that O
+cooperates after last round's moves (M's previous move, O's previous move),
+in the order (C, C), (C, D), (D, C), (D, D). All named strategies except
+GrimTrigger are memory-one, so one compiled function that looks up that
+table (by selects, not a gather) serves every kind and can be vmapped over
+opponents. GrimTrigger also reads `state.m_defected_ever`.
 
 An illegal previous move by M counts as a defection everywhere: TFT defects
 back, GrimTrigger triggers, WSLS switches and a memory-one strategy uses the
@@ -86,8 +86,8 @@ def make_opponent(name: str, **kwargs) -> OpponentParams:
       counting the randomly drawn first state, then defects for good.
     win_stay_lose_shift: (1, 0, 0, 1). O keeps its move after M cooperated
       (O earned the reward or temptation payoff) and switches after M
-      defected or moved illegally (Nowak and Sigmund's Pavlov rule, read off
-      the Prisoner's Dilemma and applied as the same table in every game).
+      defected or moved illegally. This is Nowak and Sigmund's Pavlov rule
+      read off the Prisoner's Dilemma, and every game uses the same table.
     generous_tit_for_tat: (1, 1, g, g) with forgiveness `g` (default 1/3).
     alternator: (0, 1, 0, 1), plays the opposite of its own previous move.
     memory_one: the four probabilities given as `coop_probs`.
@@ -125,7 +125,9 @@ def make_opponent(name: str, **kwargs) -> OpponentParams:
     p = _check_probability(name, "p_cooperate", kwargs.get("p_cooperate", 0.5))
     probs = (p, p, p, p)
   elif name == "generous_tit_for_tat":
-    g = _check_probability(name, "forgiveness", kwargs.get("forgiveness", 1 / 3))
+    g = _check_probability(
+        name, "forgiveness", kwargs.get("forgiveness", 1 / 3)
+    )
     probs = (1.0, 1.0, g, g)
   elif name == "memory_one":
     if "coop_probs" not in kwargs:
@@ -133,18 +135,20 @@ def make_opponent(name: str, **kwargs) -> OpponentParams:
           "Missing coop_probs for opponent 'memory_one': pass four "
           "cooperation probabilities for (C, C), (C, D), (D, C), (D, D)."
       )
-    given = kwargs["coop_probs"]
+    requested = kwargs["coop_probs"]
     try:
-      given = tuple(given)
+      requested = tuple(requested)
     except TypeError:
-      given = (given,)
-    if len(given) != 4:
+      requested = (requested,)
+    if len(requested) != 4:
       raise ValueError(
           f"Invalid coop_probs={kwargs['coop_probs']!r} for opponent "
           "'memory_one': expected 4 probabilities for (C, C), (C, D), "
           "(D, C), (D, D)."
       )
-    probs = tuple(_check_probability(name, "coop_probs", p) for p in given)
+    probs = tuple(
+        _check_probability(name, "coop_probs", p) for p in requested
+    )
   else:
     probs = {
         "tit_for_tat": (1.0, 1.0, 0.0, 0.0),
@@ -208,7 +212,9 @@ def opponent_action_from_uniform(
   return jnp.where(uniform < prob, COOPERATE, DEFECT).astype(jnp.int32)
 
 
-def opponent_action(key: jax.Array, state, params: OpponentParams) -> jax.Array:
+def opponent_action(
+    key: jax.Array, state, params: OpponentParams
+) -> jax.Array:
   """Draw O's action for one game.
 
   Args:

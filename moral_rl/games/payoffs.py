@@ -1,9 +1,9 @@
 """Payoff tables of the 2x2 social-dilemma games.
 
 Every table is a float32 array of shape [2, 2, 2] indexed
-[action_m, action_o, player]: action 0 is cooperate (C), action 1 is defect
-(D), player 0 is M (the learning agent, row player) and player 1 is O (the
-opponent, column player). The numbers are those of Tennant et al., Moral
+[action_m, action_o, player]. Action 0 is cooperate (C) and action 1 is
+defect (D). Player 0 is M (the learning agent, row player) and player 1 is O
+(the opponent, column player). The numbers are those of Tennant et al., Moral
 Alignment for LLM Agents, ICLR 2025.
 """
 

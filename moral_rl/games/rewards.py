@@ -69,7 +69,7 @@ class RewardParams:
 
 
 def is_legal(action: jax.Array) -> jax.Array:
-  """Whether `action` is COOPERATE or DEFECT (bool, same shape)."""
+  """Test whether `action` is COOPERATE or DEFECT (bool, same shape)."""
   return (action == COOPERATE) | (action == DEFECT)
 
 
@@ -154,7 +154,7 @@ def moral_reward(
 
 
 def _base_or_illegal(index, action_m, action_o, prev_action_o, payoffs, params):
-  """One base reward for a legal M move, r_illegal for an illegal one."""
+  """Pick one base reward for a legal M move, r_illegal for an illegal one."""
   values = _base_reward_values(
       action_m, action_o, prev_action_o, payoffs, params
   )
@@ -241,7 +241,9 @@ BASE_REWARD_FNS = (
 )
 
 
-def _check_finite(label: str, value: Any, minimum: float | None = None) -> float:
+def _check_finite(
+    label: str, value: Any, minimum: float | None = None
+) -> float:
   """Return `value` as a finite float (>= minimum if given) or raise."""
   try:
     number = float(value)
@@ -249,7 +251,9 @@ def _check_finite(label: str, value: Any, minimum: float | None = None) -> float
     number = float("nan")
   if not math.isfinite(number) or (minimum is not None and number < minimum):
     bound = f" >= {minimum}" if minimum is not None else ""
-    raise ValueError(f"Invalid {label} {value!r}: expected a finite number{bound}.")
+    raise ValueError(
+        f"Invalid {label} {value!r}: expected a finite number{bound}."
+    )
   return number
 
 
@@ -293,7 +297,7 @@ def make_reward(
 
   if not weights_dict:
     raise ValueError(
-        f"Invalid reward weights {dict(weights_dict)!r}: empty; give at least "
+        f"Invalid reward weights {dict(weights_dict)!r}: empty. Give at least "
         f"one weight over {', '.join(BASE_REWARDS)}."
     )
   unknown = [name for name in weights_dict if name not in BASE_REWARDS]
@@ -309,7 +313,7 @@ def make_reward(
     )
   if not any(weights):
     raise ValueError(
-        f"Invalid reward weights {dict(weights_dict)!r}: all zero; give at "
+        f"Invalid reward weights {dict(weights_dict)!r}: all zero. Give at "
         "least one positive weight."
     )
 
