@@ -61,7 +61,10 @@ class StepMetrics:
 
 
 def action_type(action_m: jax.Array, prev_action_o: jax.Array) -> jax.Array:
-  """One-hot float32 [6] over `ACTION_TYPES` for M's move given O's last."""
+  """Encode M's move given O's last move as a one-hot float32 [6].
+
+  The order is that of `ACTION_TYPES`.
+  """
   chex.assert_rank([action_m, prev_action_o], 0)
 
   m_index = jnp.where(rewards_lib.is_legal(action_m), action_m, ILLEGAL)
@@ -76,7 +79,7 @@ def deontological_regret(
     payoffs: jax.Array,
     params: rewards_lib.RewardParams,
 ) -> jax.Array:
-  """Deontological regret of one round (see the module docstring).
+  """Compute the deontological regret of one round (see the module doc).
 
   Returns:
     float32 [], >= 0.
@@ -92,7 +95,7 @@ def deontological_regret(
 def utilitarian_regret(
     action_m: jax.Array, action_o: jax.Array, payoffs: jax.Array
 ) -> jax.Array:
-  """Utilitarian regret of one round, normalised to [0, 1].
+  """Compute the utilitarian regret of one round, normalised to [0, 1].
 
   Returns:
     float32 [], 1 for an illegal move (see the module docstring).
@@ -122,7 +125,7 @@ def step_metrics(
     payoffs: jax.Array,
     params: rewards_lib.RewardParams,
 ) -> StepMetrics:
-  """Metrics of one round of one game.
+  """Compute the metrics of one round of one game.
 
   Args:
     action_m: int32 [], M's action this round.
@@ -136,6 +139,9 @@ def step_metrics(
   """
   chex.assert_rank([action_m, action_o, prev_action_o], 0)
 
+  action_m = jnp.asarray(action_m, jnp.int32)
+  action_o = jnp.asarray(action_o, jnp.int32)
+  prev_action_o = jnp.asarray(prev_action_o, jnp.int32)
   legal = rewards_lib.is_legal(action_m)
   return StepMetrics(
       action_type=action_type(action_m, prev_action_o),

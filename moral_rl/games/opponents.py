@@ -166,7 +166,7 @@ def make_opponent(name: str, **kwargs) -> OpponentParams:
 
 
 def cooperation_probability(state, params: OpponentParams) -> jax.Array:
-  """Probability that O cooperates this round, given last round's moves.
+  """Compute the probability that O cooperates, given last round's moves.
 
   Args:
     state: a `GameState` of one game (fields prev_action_m, prev_action_o,
@@ -195,7 +195,7 @@ def cooperation_probability(state, params: OpponentParams) -> jax.Array:
 def opponent_action_from_uniform(
     uniform: jax.Array, state, params: OpponentParams
 ) -> jax.Array:
-  """O's action given a uniform draw in [0, 1): C iff uniform < p(C).
+  """Choose O's action from a uniform draw: C iff uniform < p(C).
 
   Deterministic strategies have p(C) in {0, 1}, so they ignore the draw.
   This variant lets a caller draw the randomness for many rounds at once.
