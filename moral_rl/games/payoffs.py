@@ -24,74 +24,76 @@ PAYOFF_SHAPE = (2, 2, 2)
 
 @dataclasses.dataclass(frozen=True)
 class Game:
-  """A named 2x2 game.
+    """A named 2x2 game.
 
-  Attributes:
-    name: registry key, e.g. "prisoners_dilemma".
-    description: one sentence that can be put into a prompt.
-    payoffs: float32 [2, 2, 2] indexed [action_m, action_o, player].
-  """
+    Attributes:
+      name: registry key, e.g. "prisoners_dilemma".
+      description: one sentence that can be put into a prompt.
+      payoffs: float32 [2, 2, 2] indexed [action_m, action_o, player].
+    """
 
-  name: str
-  description: str
-  payoffs: jax.Array
+    name: str
+    description: str
+    payoffs: jax.Array
 
 
 def _cells_to_payoffs(cc, cd, dc, dd) -> np.ndarray:
-  """Build a [2, 2, 2] table from the four (payoff_m, payoff_o) cells."""
-  return np.asarray([[cc, cd], [dc, dd]], dtype=np.float32)
+    """Build a [2, 2, 2] table from the four (payoff_m, payoff_o) cells."""
+    return np.asarray([[cc, cd], [dc, dd]], dtype=np.float32)
 
 
 def _validate_payoffs(name: str, payoffs: Any) -> np.ndarray:
-  """Convert `payoffs` to a finite float32 [2, 2, 2] array or raise."""
-  expected = (
-      "a nested list or array of finite numbers with shape [2, 2, 2] indexed "
-      "[action_m, action_o, player], e.g. [[[3, 3], [0, 4]], [[4, 0], [1, 1]]]"
-  )
-  try:
-    table = np.asarray(payoffs, dtype=np.float64)
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-        f"Invalid payoffs for game {name!r}: {payoffs!r} is not numeric "
-        f"({error}). Expected {expected}."
-    ) from None
+    """Convert `payoffs` to a finite float32 [2, 2, 2] array or raise."""
+    expected = (
+        "a nested list or array of finite numbers with shape [2, 2, 2] indexed "
+        "[action_m, action_o, player], e.g. [[[3, 3], [0, 4]], [[4, 0], [1, 1]]]"
+    )
+    try:
+        table = np.asarray(payoffs, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"Invalid payoffs for game {name!r}: {payoffs!r} is not numeric "
+            f"({error}). Expected {expected}."
+        ) from None
 
-  if table.shape != PAYOFF_SHAPE:
-    raise ValueError(
-        f"Invalid payoffs for game {name!r}: shape {table.shape} from "
-        f"{payoffs!r}. Expected {expected}."
-    )
-  bad = np.argwhere(~np.isfinite(table))
-  if bad.size:
-    index = tuple(int(i) for i in bad[0])
-    raise ValueError(
-        f"Invalid payoffs for game {name!r}: entry {list(index)} is "
-        f"{table[index]} (NaN or infinity are not allowed). Expected "
-        f"{expected}."
-    )
-  return table.astype(np.float32)
+    if table.shape != PAYOFF_SHAPE:
+        raise ValueError(
+            f"Invalid payoffs for game {name!r}: shape {table.shape} from "
+            f"{payoffs!r}. Expected {expected}."
+        )
+    bad = np.argwhere(~np.isfinite(table))
+    if bad.size:
+        index = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"Invalid payoffs for game {name!r}: entry {list(index)} is "
+            f"{table[index]} (NaN or infinity are not allowed). Expected "
+            f"{expected}."
+        )
+    return table.astype(np.float32)
 
 
 def make_game(name: str, payoffs: Any, description: str = "") -> Game:
-  """Validate a user-defined 2x2 game.
+    """Validate a user-defined 2x2 game.
 
-  Args:
-    name: a non-empty name for the game.
-    payoffs: anything convertible to a finite [2, 2, 2] array indexed
-      [action_m, action_o, player].
-    description: optional sentence for prompts.
+    Args:
+      name: a non-empty name for the game.
+      payoffs: anything convertible to a finite [2, 2, 2] array indexed
+        [action_m, action_o, player].
+      description: optional sentence for prompts.
 
-  Returns:
-    The `Game` with float32 payoffs.
+    Returns:
+      The `Game` with float32 payoffs.
 
-  Raises:
-    ValueError: if the name is empty or the payoffs are not numeric, have
-      another shape or contain NaN or infinity.
-  """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"Invalid game name {name!r}: expected a non-empty str.")
-  table = _validate_payoffs(name, payoffs)
-  return Game(name=name, description=description, payoffs=jnp.asarray(table))
+    Raises:
+      ValueError: if the name is empty or the payoffs are not numeric, have
+        another shape or contain NaN or infinity.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"Invalid game name {name!r}: expected a non-empty str."
+        )
+    table = _validate_payoffs(name, payoffs)
+    return Game(name=name, description=description, payoffs=jnp.asarray(table))
 
 
 # Row player M first, column player O second, from Tennant et al., Moral
@@ -142,63 +144,63 @@ GAMES: dict[str, Game] = {
 
 
 def get_game(name: str) -> Game:
-  """Return the registered game called `name`.
+    """Return the registered game called `name`.
 
-  Raises:
-    KeyError: if no game has that name; the message lists the names.
-  """
-  if name not in GAMES:
-    raise KeyError(
-        f"Unknown game {name!r}. Registered games: {', '.join(GAMES)}. "
-        "Use make_game(name, payoffs) for another 2x2 game."
-    )
-  return GAMES[name]
+    Raises:
+      KeyError: if no game has that name; the message lists the names.
+    """
+    if name not in GAMES:
+        raise KeyError(
+            f"Unknown game {name!r}. Registered games: {', '.join(GAMES)}. "
+            "Use make_game(name, payoffs) for another 2x2 game."
+        )
+    return GAMES[name]
 
 
 def player_payoffs(
     action_m: jax.Array, action_o: jax.Array, payoffs: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-  """Compute the game points of both players for one round, as two scalars.
+    """Compute the game points of both players for one round, as two scalars.
 
-  Selects over the four cells (not a gather) and two scalar outputs (not a
-  stacked [2] array) let XLA on CPU fuse a vmapped round better. Together
-  with the unrolled reward sum in rewards.py this measured about 1.4x
-  faster in benchmarks/env_throughput.py.
+    Selects over the four cells (not a gather) and two scalar outputs (not a
+    stacked [2] array) let XLA on CPU fuse a vmapped round better. Together
+    with the unrolled reward sum in rewards.py this measured about 1.4x
+    faster in benchmarks/env_throughput.py.
 
-  Args:
-    action_m: int32 [], M's action.
-    action_o: int32 [], O's action.
-    payoffs: float32 [2, 2, 2].
+    Args:
+      action_m: int32 [], M's action.
+      action_o: int32 [], O's action.
+      payoffs: float32 [2, 2, 2].
 
-  Returns:
-    (payoff_m, payoff_o), float32 [] each; both 0 if either action is
-    illegal.
-  """
-  chex.assert_shape(payoffs, (2, 2, 2))
+    Returns:
+      (payoff_m, payoff_o), float32 [] each; both 0 if either action is
+      illegal.
+    """
+    chex.assert_shape(payoffs, (2, 2, 2))
 
-  m_c = action_m == COOPERATE
-  o_c = action_o == COOPERATE
-  legal = (m_c | (action_m == DEFECT)) & (o_c | (action_o == DEFECT))
+    m_c = action_m == COOPERATE
+    o_c = action_o == COOPERATE
+    legal = (m_c | (action_m == DEFECT)) & (o_c | (action_o == DEFECT))
 
-  def cell_value(player):
-    row_c = jnp.where(o_c, payoffs[0, 0, player], payoffs[0, 1, player])
-    row_d = jnp.where(o_c, payoffs[1, 0, player], payoffs[1, 1, player])
-    return jnp.where(legal, jnp.where(m_c, row_c, row_d), 0.0)
+    def cell_value(player):
+        row_c = jnp.where(o_c, payoffs[0, 0, player], payoffs[0, 1, player])
+        row_d = jnp.where(o_c, payoffs[1, 0, player], payoffs[1, 1, player])
+        return jnp.where(legal, jnp.where(m_c, row_c, row_d), 0.0)
 
-  return cell_value(0), cell_value(1)
+    return cell_value(0), cell_value(1)
 
 
 def round_payoffs(
     action_m: jax.Array, action_o: jax.Array, payoffs: jax.Array
 ) -> jax.Array:
-  """Compute the game points of both players for one round.
+    """Compute the game points of both players for one round.
 
-  Args:
-    action_m: int32 [], M's action.
-    action_o: int32 [], O's action.
-    payoffs: float32 [2, 2, 2].
+    Args:
+      action_m: int32 [], M's action.
+      action_o: int32 [], O's action.
+      payoffs: float32 [2, 2, 2].
 
-  Returns:
-    float32 [2], (payoff_m, payoff_o); both 0 if either action is illegal.
-  """
-  return jnp.stack(player_payoffs(action_m, action_o, payoffs))
+    Returns:
+      float32 [2], (payoff_m, payoff_o); both 0 if either action is illegal.
+    """
+    return jnp.stack(player_payoffs(action_m, action_o, payoffs))
