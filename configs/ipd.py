@@ -1,0 +1,135 @@
+"""Moral fine-tuning in the iterated Prisoner's Dilemma (the main job).
+
+The config argument after the colon names the experiment, comma-separated:
+a reward (game, deontological, utilitarian, game_deontological, ...), an
+opponent (tit_for_tat, random, always_cooperate, always_defect, ...), a game
+(prisoners_dilemma, stag_hunt, ...), and `smoke` for a tiny CPU test run.
+Any field can still be overridden with --config.<field>=<value>.
+
+Launch, from the repository root:
+
+  python -m moral_rl.main --config=configs/ipd.py:utilitarian
+  python -m moral_rl.main --config=configs/ipd.py:game,random \
+      --config.ppo.epochs=2 --workdir=results/game_vs_random
+  python -m moral_rl.main --config=configs/ipd.py:utilitarian,smoke
+
+Defaults that come from Tennant et al., "Moral Alignment for LLM Agents"
+(ICLR 2025) say so; the others are sized so that the run on the embedded
+SmolLM2-135M-Instruct finishes on a 2-core CPU in about ten minutes.
+"""
+
+import ml_collections
+
+from moral_rl.games import opponents, payoffs, rewards
+
+
+def parse_arg(arg):
+    """Split 'utilitarian,random,smoke' into config switches."""
+    switches = {"reward": "utilitarian", "opponent": "tit_for_tat",
+                "game": "prisoners_dilemma", "smoke": False}
+    for token in filter(None, (arg or "").split(",")):
+        if token in rewards.REWARDS:
+            switches["reward"] = token
+        elif token in opponents.OPPONENT_KINDS:
+            switches["opponent"] = token
+        elif token in payoffs.GAMES:
+            switches["game"] = token
+        elif token == "smoke":
+            switches["smoke"] = True
+        else:
+            raise ValueError(
+                f"Unknown config switch {token!r}; use a reward "
+                f"({', '.join(rewards.REWARDS)}), an opponent "
+                f"({', '.join(opponents.OPPONENT_KINDS)}), a game "
+                f"({', '.join(payoffs.GAMES)}) or 'smoke'.")
+    return switches
+
+
+def get_config(arg=None):
+    switches = parse_arg(arg)
+    config = ml_collections.ConfigDict()
+
+    config.seed = 0  # Root PRNG seed; adapter i uses a key split from it.
+    config.run_name = ""  # Empty: <game>__<reward>__<opponent>__seed<seed>.
+
+    # The game and the agent's moral reward.
+    config.game = switches["game"]
+    config.opponent = switches["opponent"]
+    config.reward = switches["reward"]
+    # Optional phases "name:updates,...,name" (the last runs to the end);
+    # empty means `reward` throughout. "game:500,utilitarian" is the paper's
+    # unlearning experiment.
+    config.reward_schedule = ""
+    config.xi = 3.0  # Deontological penalty (paper: 3).
+    config.r_illegal = -6.0  # Reward for an illegal answer (paper: -6).
+    config.action_strings = "action1,action2"  # C, D (paper's training pair).
+    config.prompt_template = "standard"
+    config.system_prompt = ""  # Optional system text before the game prompt.
+
+    # Model: an embedded name, a GGUF file, a Hugging Face folder or hub id.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "smollm2-135m-instruct"
+    config.model.dtype = "float32"  # Compute dtype: float32 or bfloat16.
+    config.model.param_dtype = "float32"  # Storage dtype of base weights.
+    config.model.remat = False  # Recompute layer activations in backward.
+
+    # LoRA adapters on all linear layers (paper: rank 64, alpha 32; the
+    # paper's dropout 0.05 is not implemented).
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 64
+    config.lora.alpha = 32.0
+    config.lora.targets = "all"
+
+    # Batch: B games per agent, each update plays `rollout_length` rounds.
+    config.num_games = 16384
+    config.rollout_length = 1
+    config.num_updates = 24
+    config.num_adapters = 1  # Independent agents (seeds) in one program.
+
+    # PPO (see moral_rl.ppo.PPOConfig for each field's source).
+    config.ppo = ml_collections.ConfigDict()
+    config.ppo.clip_eps = 0.2
+    config.ppo.value_clip_eps = 0.2
+    config.ppo.value_coef = 0.1
+    config.ppo.entropy_coef = 0.0
+    config.ppo.epochs = 4  # Paper (TRL default): 4.
+    config.ppo.minibatches = 1
+    config.ppo.discount = 0.0  # Paper: each round is a one-step episode.
+    config.ppo.gae_lambda = 0.95
+    config.ppo.whiten_advantages = True
+    config.ppo.kl_initial = 0.2  # Paper: adaptive KL control from 0.2.
+    config.ppo.kl_target = 6.0  # TRL's default target.
+    config.ppo.kl_horizon = 10000
+    config.ppo.reward_scaling = True  # Paper: on.
+    config.ppo.reward_norm = True  # Paper: on.
+    config.ppo.reward_clip = ml_collections.FieldReference(None,
+                                                           field_type=float)
+
+    # Adam with gradient clipping. The paper's 1.41e-5 needs about 1000
+    # updates; exact action distributions let 1e-4 converge in tens of
+    # updates while keeping the model's chat answers intact.
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.schedule = "constant"  # constant, cosine or linear.
+    config.optimizer.warmup_updates = 0
+    config.optimizer.max_grad_norm = 1.0
+    config.optimizer.grad_accum_steps = 1
+
+    # Devices: the adapter axis is split over `mesh.adapter` devices.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.adapter = 1
+
+    config.log_every = 1  # Updates between metric records.
+    config.figure_every = 8  # Updates between action-type figures.
+    config.checkpoint_every = 8  # Updates between checkpoints.
+    config.keep_checkpoints = 2
+
+    if switches["smoke"]:
+        config.num_games = 64
+        config.num_updates = 3
+        config.lora.rank = 4
+        config.lora.alpha = 8.0
+        config.ppo.epochs = 1
+        config.figure_every = 2
+        config.checkpoint_every = 2
+    return config

@@ -1,0 +1,333 @@
+"""One PPO update of LLM agents playing a matrix game, as a pure function.
+
+`update_step(state, inputs) -> (state, metrics)` runs, for every adapter in
+parallel (a vmap over the adapter axis A):
+  1. the exact action distributions [P, 3] and values [P] of the adapter on
+     every distinct prompt (one batched model call);
+  2. a rollout of `rollout_length` rounds in B games against the opponent,
+     sampling actions from those distributions (no model calls);
+  3. moral rewards, reward scaling, the per-sample KL penalty to the frozen
+     reference policy, and advantages (one-step when discount = 0, as in
+     Tennant et al., else GAE along the iterated game);
+  4. `epochs x minibatches` PPO gradient steps on the adapter and its value
+     head, each one model call over the prompts;
+  5. the adaptive KL controller update.
+
+Axis letters: A adapters, T rounds, B games, P prompts.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from moral_rl import policy as policy_lib
+from moral_rl import ppo
+from moral_rl import prompts as prompts_lib
+from moral_rl.games import env as env_lib
+from moral_rl.games import metrics as metrics_lib
+from moral_rl.games import opponents as opponents_lib
+from moral_rl.games import rewards as rewards_lib
+from moral_rl.models.transformer import Transformer
+
+# Rewards of the paper that are logged for every run, whichever one trains.
+LOGGED_REWARDS = ("game", "deontological", "utilitarian",
+                  "game_deontological")
+
+
+@struct.dataclass
+class AgentState:
+    """Everything one learning agent carries between updates.
+
+    Attributes:
+      adapter: {"lora": adapter tree, "value_head": {"kernel", "bias"}}.
+      opt_state: optimizer state of `adapter`.
+      kl: adaptive KL controller.
+      reward_moments: running statistics for reward scaling.
+      games: GameState of the agent's B games.
+    """
+
+    adapter: Any
+    opt_state: Any
+    kl: ppo.KLControllerState
+    reward_moments: ppo.RunningMoments
+    games: env_lib.GameState
+
+
+@struct.dataclass
+class TrainState:
+    """The whole training state; agents' leaves carry the adapter axis A.
+
+    Attributes:
+      step: number of updates done (int32 []).
+      agents: AgentState with leaves [A, ...].
+      key: root key of the run; update `step` uses fold_in(key, step), so a
+        resumed run draws the same keys as an uninterrupted one.
+    """
+
+    step: jax.Array
+    agents: AgentState
+    key: jax.Array
+
+
+@struct.dataclass
+class StepInputs:
+    """Arrays every update reads but never changes.
+
+    Attributes:
+      base_params: frozen base model parameters.
+      prompts: (prefix [S], tokens [P, T], valid [P, T]).
+      answers: (tokens [K, C], valid [K, C], action [K]).
+      ref_log_probs: [P, 3] reference policy (base model) distributions.
+      payoffs: [A, 2, 2, 2] each agent's game.
+      opponent: OpponentParams with leaves [A, ...].
+      phase_starts: [F] int32, first update of each reward phase (sorted,
+        the first is 0).
+      phase_rewards: RewardParams with leaves [A, F, ...].
+      logged_rewards: RewardParams with leaves [len(LOGGED_REWARDS), ...].
+    """
+
+    base_params: Any
+    prompts: tuple
+    answers: tuple
+    ref_log_probs: jax.Array
+    payoffs: jax.Array
+    opponent: opponents_lib.OpponentParams
+    phase_starts: jax.Array
+    phase_rewards: rewards_lib.RewardParams
+    logged_rewards: rewards_lib.RewardParams
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the update (they fix the compiled program).
+
+    Attributes:
+      model: the Transformer with LoRA.
+      optimizer: optax transformation of the adapter tree.
+      ppo: validated PPO settings.
+      num_games: B, games per agent.
+      rollout_length: T, rounds played per update.
+    """
+
+    model: Transformer
+    optimizer: optax.GradientTransformation
+    ppo: ppo.PPOConfig
+    num_games: int
+    rollout_length: int
+
+
+class Transition(NamedTuple):
+    """One round of B games (leaves [B], stacked to [T, B] by scan)."""
+
+    prompt: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    logged_rewards: jax.Array  # [B, len(LOGGED_REWARDS)]
+    payoffs: jax.Array  # [B, 2]
+    metrics: metrics_lib.StepMetrics
+
+
+def _play_round(key, games, log_probs, payoffs, opponent, reward_params,
+                logged_rewards, num_games):
+    """Sample B actions from the exact distributions and play one round."""
+    key, order_key, action_key, opponent_key = jax.random.split(key, 4)
+    order = jax.random.randint(order_key, (num_games,), 0,
+                               prompts_lib.NUM_ORDERS)
+    prompt = prompts_lib.prompt_index(games.prev_action_m,
+                                      games.prev_action_o, order)
+    action = jax.random.categorical(action_key, log_probs[prompt]).astype(
+        jnp.int32)
+    action_o = jax.vmap(opponents_lib.opponent_action, in_axes=(0, 0, None))(
+        jax.random.split(opponent_key, num_games), games, opponent)
+
+    params = env_lib.EnvParams(payoffs=payoffs, opponent=opponent,
+                               reward=reward_params)
+    new_games, round_payoffs = jax.vmap(
+        env_lib.step_actions, in_axes=(0, 0, 0, None))(
+            games, action, action_o, params)
+
+    def rewards_for(params):
+        return jax.vmap(rewards_lib.moral_reward,
+                        in_axes=(0, 0, 0, None, None))(
+            action, action_o, games.prev_action_o, payoffs, params)
+
+    reward = rewards_for(reward_params)
+    logged = jax.vmap(rewards_for, out_axes=1)(logged_rewards)
+    metrics = jax.vmap(metrics_lib.step_metrics,
+                       in_axes=(0, 0, 0, None, None))(
+        action, action_o, games.prev_action_o, payoffs, reward_params)
+    transition = Transition(prompt=prompt, action=action, reward=reward,
+                            logged_rewards=logged, payoffs=round_payoffs,
+                            metrics=metrics)
+    return new_games, transition
+
+
+def _advantages(config: ppo.PPOConfig, rewards, values, next_values):
+    """Return advantages and returns, both [T, B].
+
+    With discount 0 every round is its own one-step episode: A = r - V(s).
+    Otherwise GAE runs along each game's T rounds, bootstrapped with the
+    value of the state after the rollout; the game never ends.
+    """
+    if config.discount == 0:
+        return rewards - values, rewards
+
+    dones = jnp.zeros_like(rewards)
+
+    def per_game(r, v, d, last):
+        return ppo.gae(r, v, d, last, config.discount, config.gae_lambda)
+
+    return jax.vmap(per_game, in_axes=(1, 1, 1, 0), out_axes=1)(
+        rewards, values, dones, next_values)
+
+
+def _ppo_loss(adapter, batch, *, settings, inputs):
+    """PPO loss of one minibatch for one adapter."""
+    log_probs, values = policy_lib.policy_outputs(
+        settings.model, inputs.base_params, adapter, inputs.prompts,
+        inputs.answers)
+    logp_new = log_probs[batch["prompt"], batch["action"]]
+    policy_loss, aux = ppo.policy_loss(logp_new, batch["logp_old"],
+                                       batch["advantage"],
+                                       settings.ppo.clip_eps)
+    value_loss = ppo.value_loss(values[batch["prompt"]], batch["value_old"],
+                                batch["return"], settings.ppo.value_clip_eps)
+    entropy = jnp.mean(ppo.entropy(log_probs)[batch["prompt"]])
+    loss = (policy_loss + settings.ppo.value_coef * value_loss
+            - settings.ppo.entropy_coef * entropy)
+    aux = dict(aux, policy_loss=policy_loss, value_loss=value_loss,
+               entropy=entropy)
+    return loss, aux
+
+
+def agent_update(agent: AgentState, key, step, payoffs, opponent,
+                 phase_rewards, *, inputs: StepInputs,
+                 settings: StepSettings):
+    """One PPO update of one agent; see the module docstring.
+
+    Returns:
+      (new AgentState, dict of scalar metrics).
+    """
+    config = settings.ppo
+    num_games, rounds = settings.num_games, settings.rollout_length
+
+    # Active reward phase of this update.
+    phase = jnp.searchsorted(inputs.phase_starts, step, side="right") - 1
+    reward_params = jax.tree.map(lambda x: x[phase], phase_rewards)
+
+    # 1. Exact distributions and values under the current adapter.
+    log_probs, values = policy_lib.policy_outputs(
+        settings.model, inputs.base_params, agent.adapter, inputs.prompts,
+        inputs.answers)
+    log_probs = jax.lax.stop_gradient(log_probs)  # [P, 3]
+    values = jax.lax.stop_gradient(values)  # [P]
+
+    # 2. Rollout: T rounds of B games, no model calls.
+    def round_fn(games, round_key):
+        return _play_round(round_key, games, log_probs, payoffs, opponent,
+                           reward_params, inputs.logged_rewards, num_games)
+
+    key, rollout_key, shuffle_key = jax.random.split(key, 3)
+    games, traj = jax.lax.scan(round_fn, agent.games,
+                               jax.random.split(rollout_key, rounds))
+
+    # 3. Rewards, KL penalty and advantages, all [T, B].
+    moments = ppo.update_running_moments(agent.reward_moments,
+                                         traj.reward.reshape(-1))
+    score = traj.reward
+    if config.reward_scaling:
+        score = ppo.scale_rewards(moments, score, config.reward_norm)
+    if config.reward_clip is not None:
+        score = jnp.clip(score, -config.reward_clip, config.reward_clip)
+    logp_old = log_probs[traj.prompt, traj.action]
+    logp_ref = inputs.ref_log_probs[traj.prompt, traj.action]
+    total_reward = score - agent.kl.coef * (logp_old - logp_ref)
+    value_old = values[traj.prompt]
+
+    # The state after the rollout is valued as the mean over action orders.
+    state_values = values.reshape(-1, prompts_lib.NUM_ORDERS).mean(axis=1)
+    next_values = state_values[2 * games.prev_action_m + games.prev_action_o]
+    advantages, returns = _advantages(config, total_reward, value_old,
+                                      next_values)
+    if config.whiten_advantages:
+        advantages = ppo.whiten(advantages)
+
+    # 4. PPO epochs over shuffled minibatches of the T * B samples.
+    batch = {
+        "prompt": traj.prompt, "action": traj.action, "logp_old": logp_old,
+        "advantage": advantages, "value_old": value_old, "return": returns,
+    }
+    batch = jax.tree.map(lambda x: x.reshape(-1), batch)
+    size = rounds * num_games
+    minibatch = config.minibatch_size(size)
+    permutations = jax.vmap(lambda k: jax.random.permutation(k, size))(
+        jax.random.split(shuffle_key, config.epochs))
+    order = permutations.reshape(config.epochs * config.minibatches,
+                                 minibatch)
+    loss_fn = functools.partial(_ppo_loss, settings=settings, inputs=inputs)
+
+    def grad_step(carry, indices):
+        adapter, opt_state = carry
+        minibatch_data = jax.tree.map(lambda x: x[indices], batch)
+        grads, aux = jax.grad(loss_fn, has_aux=True)(adapter, minibatch_data)
+        updates, opt_state = settings.optimizer.update(grads, opt_state,
+                                                       adapter)
+        adapter = optax.apply_updates(adapter, updates)
+        aux = dict(aux, grad_norm=optax.global_norm(grads))
+        return (adapter, opt_state), aux
+
+    (adapter, opt_state), step_aux = jax.lax.scan(
+        grad_step, (agent.adapter, agent.opt_state), order)
+
+    # 5. KL controller, on the exact KL under the visited prompts.
+    kl_per_prompt = ppo.kl_divergence(log_probs, inputs.ref_log_probs)
+    observed_kl = jnp.mean(kl_per_prompt[traj.prompt])
+    kl_state = ppo.update_kl_controller(agent.kl, observed_kl, size,
+                                        config.kl_target, config.kl_horizon)
+
+    new_agent = AgentState(adapter=adapter, opt_state=opt_state, kl=kl_state,
+                           reward_moments=moments, games=games)
+    metrics = metrics_lib.aggregate_metrics(traj.metrics)
+    probs = jnp.exp(log_probs)[traj.prompt]  # [T, B, 3]
+    metrics.update({
+        "reward/active": traj.reward.mean(),
+        "reward/total": total_reward.mean(),
+        "reward/phase": phase,
+        "payoff/agent": traj.payoffs[..., 0].mean(),
+        "payoff/opponent": traj.payoffs[..., 1].mean(),
+        "policy/p_cooperate": probs[..., 0].mean(),
+        "policy/p_defect": probs[..., 1].mean(),
+        "policy/p_illegal": probs[..., 2].mean(),
+        "kl/reference": observed_kl,
+        "kl/coef": agent.kl.coef,
+        "ppo/explained_variance": ppo.explained_variance(
+            value_old.reshape(-1), returns.reshape(-1)),
+    })
+    for i, name in enumerate(LOGGED_REWARDS):
+        metrics[f"reward/{name}"] = traj.logged_rewards[..., i].mean()
+    for name, series in step_aux.items():
+        metrics[f"ppo/{name}"] = series.mean()
+    return new_agent, metrics
+
+
+def update_step(state: TrainState, inputs: StepInputs, *,
+                settings: StepSettings):
+    """One update of every agent; jit this with `settings` bound.
+
+    Returns:
+      (new TrainState, metrics dict with [A] arrays).
+    """
+    key = jax.random.fold_in(state.key, state.step)
+    num_adapters = inputs.payoffs.shape[0]
+    agent_keys = jax.random.split(key, num_adapters)
+    update = functools.partial(agent_update, inputs=inputs, settings=settings)
+    agents, metrics = jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0))(
+        state.agents, agent_keys, state.step, inputs.payoffs,
+        inputs.opponent, inputs.phase_rewards)
+    new_state = TrainState(step=state.step + 1, agents=agents, key=state.key)
+    return new_state, metrics

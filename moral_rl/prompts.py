@@ -1,0 +1,218 @@
+"""Text prompts for matrix games: templates, states and action orders.
+
+A prompt shows the agent the payoff table of a 2x2 game, the last round's
+moves and points, and asks for exactly one of two action strings, following
+Tennant et al., "Moral Alignment for LLM Agents" (ICLR 2025). The wording
+here is moral_rl's own.
+
+Distinct prompts are indexed by (state, order):
+  state = 2 * prev_action_m + prev_action_o, with prev_action_m in
+    {C, D, ILLEGAL} and prev_action_o in {C, D}, so 6 states;
+  order = 2 * named_first + answer_first, where each bit says whether D's
+    string comes first where the actions are named ("choose one of ...") and
+    where the answer format is given ("answer with exactly one of ...").
+    The two orders are drawn independently, so the agent cannot learn
+    "answer the first string named" instead of an action.
+prompt index = NUM_ORDERS * state + order, NUM_PROMPTS = 24 in all.
+
+Templates put everything that is the same for all prompts (rules and payoff
+table) first, so the shared token prefix is long and runs only once.
+"""
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from moral_rl.games.payoffs import COOPERATE, DEFECT, ILLEGAL, Game
+from moral_rl.models import scoring
+from moral_rl.models import tokenizer as tokenizer_lib
+
+NUM_STATES = 6
+NUM_ORDERS = 4
+NUM_PROMPTS = NUM_STATES * NUM_ORDERS
+
+TRAIN_ACTION_STRINGS = ("action1", "action2")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptState:
+    """What one prompt shows: the last round and the two action orders.
+
+    Attributes:
+      prev_action_m: the agent's last move (COOPERATE, DEFECT or ILLEGAL).
+      prev_action_o: the opponent's last move (COOPERATE or DEFECT).
+      named_d_first: D's string is named first in "choose one of".
+      answer_d_first: D's string is named first in "answer with one of".
+    """
+
+    prev_action_m: int
+    prev_action_o: int
+    named_d_first: bool
+    answer_d_first: bool
+
+    @property
+    def index(self) -> int:
+        state = 2 * self.prev_action_m + self.prev_action_o
+        order = 2 * int(self.named_d_first) + int(self.answer_d_first)
+        return NUM_ORDERS * state + order
+
+
+def all_prompt_states() -> list[PromptState]:
+    """Return every PromptState, in prompt-index order."""
+    states = []
+    for prev_m in (COOPERATE, DEFECT, ILLEGAL):
+        for prev_o in (COOPERATE, DEFECT):
+            for named in (False, True):
+                for answer in (False, True):
+                    states.append(PromptState(prev_m, prev_o, named, answer))
+    assert [s.index for s in states] == list(range(NUM_PROMPTS))
+    return states
+
+
+def prompt_index(prev_action_m, prev_action_o, order):
+    """Map game states and drawn orders to prompt indices (jit-able)."""
+    state = 2 * prev_action_m + prev_action_o
+    return NUM_ORDERS * state + order
+
+
+def _ordered(pair, d_first):
+    return (pair[1], pair[0]) if d_first else pair
+
+
+def _payoff_table(game: Game, strings: Sequence[str]) -> str:
+    """A table with the agent's actions as rows and the opponent's as columns."""
+    header = f"| you \\ other agent | {strings[0]} | {strings[1]} |"
+    lines = [header, "| --- | --- | --- |"]
+    for row in (COOPERATE, DEFECT):
+        cells = []
+        for col in (COOPERATE, DEFECT):
+            mine, theirs = game.payoffs[row, col]
+            cells.append(f"you get {mine:g}, they get {theirs:g}")
+        lines.append(f"| {strings[row]} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def _last_round(game: Game, strings, state: PromptState) -> str:
+    if state.prev_action_m == ILLEGAL:
+        return (
+            "In the previous round, you did not answer with a valid action "
+            f"and the other agent played {strings[state.prev_action_o]}, so "
+            "both of you got 0 points."
+        )
+    mine, theirs = game.payoffs[state.prev_action_m, state.prev_action_o]
+    return (
+        f"In the previous round, you played {strings[state.prev_action_m]} "
+        f"and the other agent played {strings[state.prev_action_o]}. You "
+        f"got {mine:g} points and the other agent got {theirs:g} points."
+    )
+
+
+def standard_template(game: Game, strings: Sequence[str],
+                      state: PromptState) -> str:
+    """The training prompt: rules, payoff table, last round, question."""
+    named = _ordered(strings, state.named_d_first)
+    answer = _ordered(strings, state.answer_d_first)
+    return (
+        "You are playing a game with another agent. In each round, you and "
+        "the other agent each choose an action at the same time, and both "
+        "of you get points according to this payoff table:\n\n"
+        f"{_payoff_table(game, strings)}\n\n"
+        f"You must choose one of two actions: {named[0]} or {named[1]}.\n"
+        f"{_last_round(game, strings, state)}\n"
+        "What action would you take in this round to get the highest "
+        "score?\n"
+        f"Answer with exactly one of {answer[0]} or {answer[1]}, and give "
+        "no explanation.\n"
+        "Your answer:"
+    )
+
+
+TEMPLATES: dict[str, Callable[[Game, Sequence[str], PromptState], str]] = {
+    "standard": standard_template,
+}
+
+
+def get_template(name: str):
+    """Return a registered prompt template by name."""
+    if name not in TEMPLATES:
+        raise KeyError(f"Unknown prompt template {name!r}; registered "
+                       f"templates are {', '.join(sorted(TEMPLATES))}.")
+    return TEMPLATES[name]
+
+
+def check_action_strings(strings: Sequence[str]) -> tuple[str, str]:
+    """Validate a pair of action strings (C's first, then D's)."""
+    strings = tuple(strings)
+    if len(strings) != 2 or not all(isinstance(s, str) for s in strings):
+        raise ValueError(f"Action strings must be two strings (C, D), got "
+                         f"{strings!r}.")
+    if any(not s.strip() or s != s.strip() for s in strings):
+        raise ValueError(f"Action strings must be non-empty without "
+                         f"surrounding spaces, got {strings!r}.")
+    if strings[0] == strings[1]:
+        raise ValueError(f"The two action strings are equal ({strings[0]!r});"
+                         " the agent could not tell the actions apart.")
+    return strings
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Every distinct prompt of one game, tokenised once.
+
+    Attributes:
+      texts: [P] full prompt texts, chat template applied.
+      prefix: [S] int32 tokens shared by every prompt.
+      tokens: [P, T] int32 left-padded tokens after the prefix.
+      valid: [P, T] bool.
+    """
+
+    texts: tuple[str, ...]
+    prefix: np.ndarray
+    tokens: np.ndarray
+    valid: np.ndarray
+
+    def arrays(self):
+        """Return (prefix, tokens, valid) as jax arrays."""
+        return (jnp.asarray(self.prefix), jnp.asarray(self.tokens),
+                jnp.asarray(self.valid))
+
+
+def build_prompt_set(tokenizer, game: Game, *,
+                     action_strings=TRAIN_ACTION_STRINGS,
+                     template: str = "standard", system: str | None = None,
+                     max_length: int | None = None) -> PromptSet:
+    """Render and tokenise every (state, order) prompt of a game.
+
+    Args:
+      tokenizer: a transformers tokenizer.
+      game: the game whose payoffs the prompts show.
+      action_strings: (C's string, D's string).
+      template: a name in `TEMPLATES`.
+      system: optional system text (folded into the user turn for models
+        without a system role).
+      max_length: the model's context length; longer prompts raise.
+    """
+    strings = check_action_strings(action_strings)
+    render = get_template(template)
+    texts, sequences = [], []
+    for state in all_prompt_states():
+        messages = [{"role": "user", "content": render(game, strings, state)}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        text = tokenizer_lib.render_chat(tokenizer, messages)
+        texts.append(text)
+        sequences.append(tokenizer_lib.encode(tokenizer, text))
+
+    longest = max(len(s) for s in sequences)
+    if max_length is not None and longest >= max_length:
+        raise ValueError(
+            f"The longest prompt has {longest} tokens but the model's context "
+            f"is {max_length} tokens; use a shorter template or a model with "
+            "a longer context.")
+    prefix, rests = scoring.split_common_prefix(sequences)
+    tokens, valid = scoring.pad_left(rests, tokenizer.pad_token_id)
+    return PromptSet(texts=tuple(texts),
+                     prefix=np.asarray(prefix, np.int32),
+                     tokens=tokens, valid=valid)

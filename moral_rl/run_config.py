@@ -1,0 +1,165 @@
+"""Check a run's ConfigDict and turn it into validated settings.
+
+Everything here runs before any model loads, so a typo in a reward name or
+a batch size that does not divide fails in a second, naming the field.
+Derived values (reward phases, the PPO dataclass) are returned, never
+written back into the config.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from moral_rl import ppo
+from moral_rl import prompts as prompts_lib
+from moral_rl.games import opponents as opponents_lib
+from moral_rl.games import payoffs as payoffs_lib
+from moral_rl.games import rewards as rewards_lib
+from moral_rl.models import lora as lora_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Validated settings derived from the config.
+
+    Attributes:
+      reward_phases: ((first update, reward name), ...), sorted, starting
+        at update 0.
+      action_strings: (C's string, D's string).
+      ppo: the PPO dataclass.
+      lora: the LoRA spec.
+    """
+
+    reward_phases: tuple[tuple[int, str], ...]
+    action_strings: tuple[str, str]
+    ppo: ppo.PPOConfig
+    lora: object
+
+
+def _field_error(field, value, fix):
+    return ValueError(f"config.{field}={value!r} is invalid: {fix}.")
+
+
+def parse_reward_schedule(schedule: str, default: str):
+    """Parse "name:updates,name:updates,...,name" into reward phases.
+
+    Each phase but the last lasts the given number of updates; the last runs
+    to the end. An empty schedule is one phase of `default`. For example
+    "game:500,utilitarian" is Tennant et al.'s unlearning experiment: 500
+    updates of the Game reward, then the Utilitarian reward.
+    """
+    if not schedule:
+        return ((0, default),)
+    phases, start = [], 0
+    parts = [p.strip() for p in schedule.split(",")]
+    for position, part in enumerate(parts):
+        name, _, length = part.partition(":")
+        last = position == len(parts) - 1
+        if not last and not length:
+            raise _field_error(
+                "reward_schedule", schedule,
+                f"phase {part!r} needs a length, as in 'game:100'; only the "
+                "last phase runs to the end without one")
+        phases.append((start, name))
+        if length:
+            try:
+                count = int(length)
+            except ValueError:
+                count = -1
+            if count < 1:
+                raise _field_error(
+                    "reward_schedule", schedule,
+                    f"phase length {length!r} must be a positive integer")
+            start += count
+    return tuple(phases)
+
+
+def _check_reward(field, name):
+    if name not in rewards_lib.REWARDS:
+        raise _field_error(
+            field, name, "use one of " + ", ".join(rewards_lib.REWARDS))
+
+
+def validate(config: ml_collections.ConfigDict) -> RunSettings:
+    """Validate a run config; raise ValueError naming the bad field."""
+    if config.game not in payoffs_lib.GAMES:
+        raise _field_error("game", config.game,
+                           "use one of " + ", ".join(payoffs_lib.GAMES))
+    if config.opponent not in opponents_lib.OPPONENT_KINDS:
+        raise _field_error(
+            "opponent", config.opponent,
+            "use one of " + ", ".join(opponents_lib.OPPONENT_KINDS))
+    _check_reward("reward", config.reward)
+    phases = parse_reward_schedule(config.reward_schedule, config.reward)
+    for _, name in phases:
+        _check_reward("reward_schedule", name)
+    if config.prompt_template not in prompts_lib.TEMPLATES:
+        raise _field_error(
+            "prompt_template", config.prompt_template,
+            "use one of " + ", ".join(prompts_lib.TEMPLATES))
+    try:
+        strings = prompts_lib.check_action_strings(
+            [s.strip() for s in config.action_strings.split(",")])
+    except ValueError as err:
+        raise _field_error("action_strings", config.action_strings,
+                           f"{err} Write them as 'action1,action2'") from err
+    try:
+        rewards_lib.make_reward(config.reward, xi=config.xi,
+                                r_illegal=config.r_illegal)
+    except ValueError as err:
+        raise _field_error("xi/r_illegal", (config.xi, config.r_illegal),
+                           str(err)) from err
+
+    positive_ints = ("num_updates", "num_games", "rollout_length",
+                     "num_adapters", "log_every", "checkpoint_every",
+                     "figure_every", "keep_checkpoints")
+    for field in positive_ints:
+        value = config[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _field_error(field, value, "use an integer >= 1")
+
+    opt = config.optimizer
+    if not opt.learning_rate > 0:
+        raise _field_error("optimizer.learning_rate", opt.learning_rate,
+                           "use a positive learning rate such as 1e-4")
+    if not opt.max_grad_norm > 0:
+        raise _field_error("optimizer.max_grad_norm", opt.max_grad_norm,
+                           "use a positive norm such as 1.0")
+    if opt.schedule not in ("constant", "cosine", "linear"):
+        raise _field_error("optimizer.schedule", opt.schedule,
+                           "use 'constant', 'cosine' or 'linear'")
+    if not isinstance(opt.warmup_updates, int) or opt.warmup_updates < 0:
+        raise _field_error("optimizer.warmup_updates", opt.warmup_updates,
+                           "use an integer >= 0")
+    if not isinstance(opt.grad_accum_steps, int) or opt.grad_accum_steps < 1:
+        raise _field_error("optimizer.grad_accum_steps",
+                           opt.grad_accum_steps, "use an integer >= 1")
+
+    try:
+        ppo_config = ppo.PPOConfig(**config.ppo.to_dict())
+    except TypeError as err:
+        raise ValueError(f"config.ppo has an unknown field: {err}.") from err
+    except ValueError as err:
+        raise ValueError(f"config.ppo: {err}") from err
+    batch = config.num_games * config.rollout_length
+    if batch % ppo_config.minibatches:
+        raise _field_error(
+            "ppo.minibatches", ppo_config.minibatches,
+            f"it must divide num_games * rollout_length = {batch}")
+
+    try:
+        spec = lora_lib.make_lora_spec(config.lora.rank, config.lora.alpha,
+                                       config.lora.targets)
+    except ValueError as err:
+        raise ValueError(f"config.lora: {err}") from err
+
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise _field_error("model.dtype", config.model.dtype,
+                           "use 'float32' or 'bfloat16'")
+    if config.mesh.adapter < 1 or config.num_adapters % config.mesh.adapter:
+        raise _field_error(
+            "mesh.adapter", config.mesh.adapter,
+            f"it must be >= 1 and divide num_adapters={config.num_adapters}")
+
+    return RunSettings(reward_phases=phases, action_strings=strings,
+                       ppo=ppo_config, lora=spec)
