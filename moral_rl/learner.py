@@ -80,7 +80,7 @@ class StepInputs:
 
     Attributes:
       base_params: frozen base model parameters.
-      prompts: (prefix [S], tokens [P, T], valid [P, T]).
+      prompts: the prompt tree, a tuple of `scoring.PromptLevel`.
       answers: (tokens [K, C], valid [K, C], action [K]).
       ref_log_probs: [P, 3] reference policy (base model) distributions.
       payoffs: [A, 2, 2, 2] each agent's game.

@@ -106,22 +106,21 @@ def policy_outputs(model: Transformer, base_params, adapter, prompts,
       base_params: frozen base parameters.
       adapter: {"lora": adapter tree, "value_head": {"kernel" [D],
         "bias" []}} for one adapter, or None.
-      prompts: (prefix [S], tokens [P, T], valid [P, T]) arrays.
+      prompts: the prompt tree, a sequence of `scoring.PromptLevel`.
       answers: (tokens [K, C], valid [K, C], action [K]) arrays.
 
     Returns:
       log_probs [P, 3] over (C, D, illegal), and values [P] (zeros for the
       reference policy).
     """
-    prefix, tokens, valid = prompts
     answer_tokens, answer_valid, answer_action = answers
     variables = {"params": base_params}
     if adapter is not None:
         variables["lora"] = adapter["lora"]
 
     score = scoring.score_continuations(
-        model, variables, tokens, valid, answer_tokens, answer_valid,
-        prefix=prefix)
+        model, variables, None, None, answer_tokens, answer_valid,
+        levels=prompts)
     log_probs = outcome_log_probs(score.log_probs, score.rest_log_prob,
                                   answer_action)
     if adapter is None:

@@ -15,8 +15,10 @@ Distinct prompts are indexed by (state, order):
     "answer the first string named" instead of an action.
 prompt index = NUM_ORDERS * state + order, NUM_PROMPTS = 24 in all.
 
-Templates put everything that is the same for all prompts (rules and payoff
-table) first, so the shared token prefix is long and runs only once.
+Templates put the parts that many prompts share first: the rules and payoff
+table (all prompts), then the last round (the 4 prompts of a state), then
+the action orders. The prompts are tokenised as a three-level tree, so each
+shared part runs once per model call.
 """
 
 import dataclasses
@@ -119,8 +121,8 @@ def standard_template(game: Game, strings: Sequence[str],
         "the other agent each choose an action at the same time, and both "
         "of you get points according to this payoff table:\n\n"
         f"{_payoff_table(game, strings)}\n\n"
-        f"You must choose one of two actions: {named[0]} or {named[1]}.\n"
         f"{_last_round(game, strings, state)}\n"
+        f"You must choose one of two actions: {named[0]} or {named[1]}. "
         "What action would you take in this round to get the highest "
         "score?\n"
         f"Answer with exactly one of {answer[0]} or {answer[1]}, and give "
@@ -159,24 +161,46 @@ def check_action_strings(strings: Sequence[str]) -> tuple[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
-    """Every distinct prompt of one game, tokenised once.
+    """Every distinct prompt of one game, tokenised once as a tree.
 
     Attributes:
       texts: [P] full prompt texts, chat template applied.
-      prefix: [S] int32 tokens shared by every prompt.
-      tokens: [P, T] int32 left-padded tokens after the prefix.
-      valid: [P, T] bool.
+      levels: three (tokens [N, T] int32 left-padded, valid [N, T] bool,
+        parent [N] int32) numpy triples: the part shared by all prompts
+        (N = 1), the part shared by the prompts of each state (N = 6), and
+        each prompt's own ending (N = P), whose parent is its state.
     """
 
     texts: tuple[str, ...]
-    prefix: np.ndarray
-    tokens: np.ndarray
-    valid: np.ndarray
+    levels: tuple
 
     def arrays(self):
-        """Return (prefix, tokens, valid) as jax arrays."""
-        return (jnp.asarray(self.prefix), jnp.asarray(self.tokens),
-                jnp.asarray(self.valid))
+        """Return the levels as `scoring.PromptLevel`s of jax arrays."""
+        return tuple(scoring.PromptLevel(*(jnp.asarray(x) for x in level))
+                     for level in self.levels)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens in one pass over the tree."""
+        return int(sum(level[1].sum() for level in self.levels))
+
+
+def _tree_levels(sequences, pad_id):
+    """Split prompt token lists into shared, per-state and own segments."""
+    prefix, rests = scoring.split_common_prefix(sequences)
+    state_parts, endings = [], []
+    for state in range(NUM_STATES):
+        group = rests[state * NUM_ORDERS:(state + 1) * NUM_ORDERS]
+        shared, own = scoring.split_common_prefix(group)
+        state_parts.append(shared)
+        endings.extend(own)
+    root = (np.asarray([prefix], np.int32), np.ones((1, len(prefix)), bool),
+            np.zeros((1,), np.int32))
+    state_tokens, state_valid = scoring.pad_left(state_parts, pad_id)
+    states = (state_tokens, state_valid, np.zeros((NUM_STATES,), np.int32))
+    end_tokens, end_valid = scoring.pad_left(endings, pad_id)
+    parents = np.repeat(np.arange(NUM_STATES, dtype=np.int32), NUM_ORDERS)
+    return (root, states, (end_tokens, end_valid, parents))
 
 
 def build_prompt_set(tokenizer, game: Game, *,
@@ -211,8 +235,5 @@ def build_prompt_set(tokenizer, game: Game, *,
             f"The longest prompt has {longest} tokens but the model's context "
             f"is {max_length} tokens; use a shorter template or a model with "
             "a longer context.")
-    prefix, rests = scoring.split_common_prefix(sequences)
-    tokens, valid = scoring.pad_left(rests, tokenizer.pad_token_id)
     return PromptSet(texts=tuple(texts),
-                     prefix=np.asarray(prefix, np.int32),
-                     tokens=tokens, valid=valid)
+                     levels=_tree_levels(sequences, tokenizer.pad_token_id))

@@ -188,8 +188,8 @@ def _progress_line(step, total, record, started, first_step):
 
 def _tokens_per_update(prompt_set, answers, settings):
     """Tokens the model processes in one update (rollout plus PPO steps)."""
-    per_call = (prompt_set.prefix.size + int(prompt_set.valid.sum())
-                + answers.tokens.shape[0] * prompt_set.tokens.shape[0]
+    num_prompts = len(prompt_set.texts)
+    per_call = (prompt_set.num_tokens + answers.tokens.shape[0] * num_prompts
                 * (answers.tokens.shape[1] - 1))
     return per_call * (1 + settings.ppo.epochs * settings.ppo.minibatches)
 

@@ -127,9 +127,74 @@ def log_rest(log_probs):
     return jnp.log1p(-jnp.clip(total, 0.0, 1.0 - 1e-7))
 
 
+class PromptLevel(NamedTuple):
+    """One level of a prompt tree: token segments that follow a parent row.
+
+    A prompt is the concatenation of one segment per level, each segment
+    continuing a row of the level above. Rows that share a parent share its
+    computation, so prompts with common parts cost less than flat prompts.
+
+    Attributes:
+      tokens: [N, T] left-padded segment tokens.
+      valid: [N, T] bool.
+      parent: [N] int32 row of the previous level each segment continues;
+        ignored on the first level.
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    parent: jax.Array
+
+
+def _gather_rows(cache: KVCache, rows) -> KVCache:
+    return KVCache(k=cache.k[:, rows], v=cache.v[:, rows],
+                   positions=cache.positions[rows], valid=cache.valid[rows])
+
+
+def encode_prompt_tree(model: Transformer, variables, levels):
+    """Run the model over a prompt tree, level by level.
+
+    Args:
+      model: the Transformer.
+      variables: its variables.
+      levels: sequence of PromptLevel; the last level's rows are the prompts.
+
+    Returns:
+      last_hidden [N, D] at each prompt's last token, the KVCache of each
+      whole prompt [.., N, S, ..], and each prompt's length in tokens [N].
+    """
+    cache, lengths, hidden = None, None, None
+    for depth, level in enumerate(levels):
+        rows = level.tokens.shape[0]
+        if depth == 0:
+            start = jnp.zeros((rows,), jnp.int32)
+            parent_cache = None
+        else:
+            start = lengths[level.parent]
+            parent_cache = _gather_rows(cache, level.parent)
+        positions = positions_from_valid(level.valid, start)
+        hidden, new_cache = model.apply(variables, level.tokens, positions,
+                                        level.valid, parent_cache)
+        cache = (new_cache if parent_cache is None
+                 else parent_cache.concat(new_cache))
+        lengths = start + jnp.sum(level.valid, axis=1, dtype=jnp.int32)
+    return hidden[:, -1], cache, lengths
+
+
+def levels_from_prefix(tokens, valid, prefix=None):
+    """Express prompts with an optional shared prefix as a prompt tree."""
+    batch = tokens.shape[0]
+    prompts = PromptLevel(tokens, valid, jnp.zeros((batch,), jnp.int32))
+    if prefix is None or not prefix.shape[0]:
+        return (prompts,)
+    root = PromptLevel(prefix[None, :], jnp.ones((1, prefix.shape[0]), bool),
+                       jnp.zeros((1,), jnp.int32))
+    return (root, prompts)
+
+
 def score_continuations(model: Transformer, variables, tokens, valid,
                         continuations, continuation_valid,
-                        prefix=None) -> ScoreOutput:
+                        prefix=None, levels=None) -> ScoreOutput:
     """Teacher-force each continuation after each prompt.
 
     log P(c | prompt) = sum_i log p(c_i | prompt, c_<i) over c's valid tokens.
@@ -137,37 +202,24 @@ def score_continuations(model: Transformer, variables, tokens, valid,
     Args:
       model: the Transformer (with or without LoRA).
       variables: {"params": base} plus {"lora": one adapter} if adapted.
-      tokens: [B, T] left-padded prompt tokens (after `prefix`).
-      valid: [B, T] bool.
+      tokens: [B, T] left-padded prompt tokens (after `prefix`); None when
+        `levels` is given.
+      valid: [B, T] bool; None when `levels` is given.
       continuations: [K, C] right-padded continuation tokens, prefix-free.
       continuation_valid: [K, C] bool; column 0 must be all True.
       prefix: optional [P] tokens that come before every prompt.
+      levels: a prompt tree (sequence of PromptLevel) in place of tokens,
+        valid and prefix.
 
     Returns:
       ScoreOutput with [B, K] log-probs, [B] rest log-prob, [B, D] hidden.
     """
-    batch = tokens.shape[0]
+    if levels is None:
+        levels = levels_from_prefix(tokens, valid, prefix)
+    last_hidden, cache, prompt_lengths = encode_prompt_tree(
+        model, variables, levels)
+    batch = last_hidden.shape[0]
     num_cont, cont_len = continuations.shape
-
-    # Shared prefix once, broadcast to every prompt.
-    cache = None
-    start = jnp.zeros((batch,), jnp.int32)
-    if prefix is not None and prefix.shape[0]:
-        prefix_tokens = prefix[None, :]
-        prefix_valid = jnp.ones_like(prefix_tokens, bool)
-        _, cache = model.apply(variables, prefix_tokens,
-                               positions_from_valid(prefix_valid),
-                               prefix_valid)
-        cache = cache.broadcast_to(batch)
-        start = start + prefix.shape[0]
-
-    # The prompts themselves.
-    positions = positions_from_valid(valid, start)
-    hidden, prompt_cache = model.apply(variables, tokens, positions, valid,
-                                       cache)
-    cache = prompt_cache if cache is None else cache.concat(prompt_cache)
-    last_hidden = hidden[:, -1]  # [B, D]
-    prompt_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
 
     # First continuation token, read at the last prompt position.
     first_logits = model.apply(variables, last_hidden,
