@@ -166,6 +166,22 @@ class ModelConfig:
             dtype=np.float32,
         )
 
+    def layer_rope_frequencies(self) -> np.ndarray:
+        """Return each layer's RoPE inverse frequencies, [L, H/2] float32.
+
+        Frequency i of a layer is theta ** (-2i / H) / scale. The rounding
+        steps follow transformers 5.25 (float32 exponent, float32 power and
+        reciprocal), so angles agree bit for bit at most frequencies. On
+        long prompts gemma-3-270m is sensitive to them: one-ulp differences
+        in the frequencies moved its logits at position 807 by 1e-2.
+        """
+        exponents = np.arange(0, self.head_dim, 2, dtype=np.float32) / (
+            np.float32(self.head_dim))
+        thetas = self.layer_rope_thetas().astype(np.float64)[:, None]
+        powers = (thetas ** exponents.astype(np.float64)).astype(np.float32)
+        scales = self.layer_rope_scales()[:, None]
+        return (np.float32(1.0) / powers / scales).astype(np.float32)
+
 
 def canonical_architecture(name: str, *, source: str) -> str:
     """Map a Hugging Face model_type or GGUF architecture to ours."""
@@ -205,6 +221,40 @@ def _gemma_layer_types(hf: Mapping[str, Any], architecture: str, n: int):
     )
 
 
+def _gemma_rope(hf: Mapping[str, Any], architecture: str, source: str):
+    """Return the RoPE fields of a Gemma config as ModelConfig fields.
+
+    transformers 5 writes `rope_parameters`, nested by layer type for
+    Gemma3 ({"full_attention": {...}, "sliding_attention": {...}}) and flat
+    for Gemma2. Older configs have `rope_theta`, `rope_scaling` and, for
+    Gemma3, `rope_local_base_freq`. Missing values take the defaults of
+    transformers 5.25's Gemma config classes.
+    """
+    params = hf.get("rope_parameters") or {}
+    if architecture == "gemma2":
+        full = params if "rope_theta" in params else {}
+        local = {}
+    else:
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+    default_theta = 10_000.0 if architecture == "gemma2" else 1_000_000.0
+    fields = dict(
+        rope_theta=float(full.get("rope_theta",
+                                  hf.get("rope_theta", default_theta))),
+        rope_scaling_factor=_rope_scaling_factor(
+            full if "rope_type" in full else hf.get("rope_scaling"), source),
+    )
+    if architecture == "gemma3":
+        if _rope_scaling_factor(local, source) != 1.0:
+            raise ValueError(
+                f"{source} scales the RoPE positions of sliding-window "
+                "layers; moral_rl scales only global layers, as Gemma3 does."
+            )
+        fields["rope_local_theta"] = float(local.get(
+            "rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
+    return fields
+
+
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json",
                    **overrides) -> ModelConfig:
     """Build a ModelConfig from the fields of a Hugging Face config.json.
@@ -240,23 +290,37 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
     if architecture in ("gemma2", "gemma3"):
+        # Absent keys take transformers 5.25's Gemma2Config and
+        # Gemma3TextConfig defaults, as transformers itself would.
+        gemma2 = architecture == "gemma2"
+        activation = hf.get("hidden_activation") or hf.get("hidden_act")
+        if activation not in (None, "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(
+                f"Unsupported hidden_activation {activation!r} in {source}; "
+                "moral_rl implements Gemma's 'gelu_pytorch_tanh' only."
+            )
         fields.update(
             mlp_activation="gelu_tanh",
             norm_offset=1.0,
             embed_scale=True,
             post_norms=True,
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
-            attn_logit_softcap=hf.get("attn_logit_softcapping"),
-            final_logit_softcap=hf.get("final_logit_softcapping"),
-            sliding_window=hf.get("sliding_window"),
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            attn_logit_softcap=hf.get(
+                "attn_logit_softcapping", 50.0 if gemma2 else None),
+            final_logit_softcap=hf.get(
+                "final_logit_softcapping", 30.0 if gemma2 else None),
+            sliding_window=hf.get("sliding_window", 4096),
             layer_types=_gemma_layer_types(
                 hf, architecture, fields["num_layers"]),
+            **_gemma_rope(hf, architecture, source),
         )
     if architecture == "gemma3":
-        fields.update(
-            qk_norm=True,
-            rope_local_theta=float(hf.get("rope_local_base_freq", 10_000.0)),
-        )
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError(
+                f"{source} sets use_bidirectional_attention (an embedding "
+                "model); moral_rl implements causal Gemma3 decoders only."
+            )
+        fields.update(qk_norm=True)
     fields.update(overrides)
     return ModelConfig(**fields)
 

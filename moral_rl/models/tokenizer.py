@@ -155,10 +155,22 @@ def encode(tokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     if not tokenizer.chat_template and bos is not None and (
-            not ids or ids[0] != bos) and getattr(tokenizer, "add_bos_token",
-                                                  False):
+            not ids or ids[0] != bos) and _adds_bos(tokenizer):
         ids = [bos] + ids
     return ids
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own special-token step prepends BOS.
+
+    A GGUF tokenizer reloaded from the cache folder reports
+    add_bos_token=False in transformers 5.25 although its post-processor
+    still prepends BOS (gemma-3-270m), so the post-processor is asked too.
+    """
+    if getattr(tokenizer, "add_bos_token", False):
+        return True
+    return tokenizer.encode("", add_special_tokens=True)[:1] == [
+        tokenizer.bos_token_id]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

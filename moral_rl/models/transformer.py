@@ -143,7 +143,7 @@ class Dense(nn.Module):
         return y + self.lora_scale * update
 
 
-def apply_rope(x, positions, theta, scale):
+def apply_rope(x, positions, inv_freq):
     """Rotate query or key features by their positions (RoPE).
 
     Uses the half-split layout of Hugging Face checkpoints: feature i pairs
@@ -152,16 +152,14 @@ def apply_rope(x, positions, theta, scale):
     Args:
       x: [B, T, heads, H].
       positions: [B, T] int.
-      theta: RoPE base (scalar, may be traced).
-      scale: linear position scaling factor (scalar).
+      inv_freq: [H/2] inverse frequencies, theta ** (-2i / H) divided by
+        the linear position scale (`ModelConfig.layer_rope_frequencies`).
 
     Returns:
       [B, T, heads, H] in x's dtype.
     """
     half = x.shape[-1] // 2
-    exponents = jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]
-    inv_freq = 1.0 / (theta ** exponents)  # [H/2]
-    angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
     cos = jnp.cos(angles)[:, :, None, :]
     x1 = x[..., :half].astype(jnp.float32)
@@ -187,7 +185,7 @@ class Attention(nn.Module):
     lora: LoRASpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, valid, cache, window, theta, rope_scale):
+    def __call__(self, x, positions, valid, cache, window, inv_freq):
         """Attend from the new tokens to the cache and to themselves.
 
         Args:
@@ -197,7 +195,7 @@ class Attention(nn.Module):
           cache: None, or (k, v, positions, valid) of earlier tokens with
             shapes [B, S0, K, H] twice, [B, S0] twice.
           window: attention window in tokens (scalar int32).
-          theta, rope_scale: this layer's RoPE base and position scale.
+          inv_freq: this layer's RoPE inverse frequencies [H/2].
 
         Returns:
           output [B, T, D] and the new tokens' (k, v), each [B, T, K, H].
@@ -221,8 +219,8 @@ class Attention(nn.Module):
                              dtype=dtype, param_dtype=pdtype)
             q = RMSNorm(name="q_norm", **norm_args)(q)
             k = RMSNorm(name="k_norm", **norm_args)(k)
-        q = apply_rope(q, positions, theta, rope_scale)
-        k = apply_rope(k, positions, theta, rope_scale)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
         new_kv = (k, v)
 
         # Keys and values: the cache first, then the new tokens.
@@ -290,12 +288,12 @@ class Block(nn.Module):
         norm_args = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                          dtype=_dtype(cfg.dtype),
                          param_dtype=_dtype(cfg.param_dtype))
-        cache_kv, window, theta, rope_scale = layer_inputs
+        cache_kv, window, inv_freq = layer_inputs
         cache = None if cache_kv is None else (*cache_kv, *cache_meta)
 
         attn_out, new_kv = Attention(cfg, self.lora, name="attn")(
             RMSNorm(name="attn_norm", **norm_args)(h),
-            positions, valid, cache, window, theta, rope_scale)
+            positions, valid, cache, window, inv_freq)
         if cfg.post_norms:
             attn_out = RMSNorm(name="attn_post_norm", **norm_args)(attn_out)
         h = h + attn_out
@@ -366,8 +364,7 @@ class Transformer(nn.Module):
         layer_inputs = (
             cache_kv,
             jnp.asarray(cfg.layer_windows()),
-            jnp.asarray(cfg.layer_rope_thetas()),
-            jnp.asarray(cfg.layer_rope_scales()),
+            jnp.asarray(cfg.layer_rope_frequencies()),
         )
         h, (k, v) = self.layers(h, layer_inputs, positions, valid, cache_meta)
         new_cache = KVCache(k=k, v=v, positions=positions, valid=valid)
