@@ -150,6 +150,12 @@ def write_tiny_llama(folder: str, tokenizer, *, tied: bool = True,
     return TinyCheckpoint(folder=folder, config=config, tensors=tensors)
 
 
+@pytest.fixture
+def tiny_llama_config() -> dict:
+    """The config.json fields of the tiny Llama, a fresh copy per test."""
+    return dict(TINY_LLAMA)
+
+
 @pytest.fixture(scope="session")
 def embedded_model(tmp_path_factory) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct, loaded once (about 10 s).

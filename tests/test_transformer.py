@@ -142,3 +142,15 @@ def test_cached_decoding_matches_full_forward():
                          method=Transformer.unembed)
 
     np.testing.assert_allclose(logits[0], full[4:], atol=1e-5)
+
+
+def test_untied_init_creates_output_layer():
+    model = Transformer(tiny_config(tie_word_embeddings=False))
+    tokens = jnp.array([[5, 17, 3]], jnp.int32)
+    valid = jnp.ones_like(tokens, bool)
+    params = model.init(jax.random.key(2), tokens, positions_from_valid(valid),
+                        valid)["params"]
+
+    assert params["lm_head"]["kernel"].shape == (32, 97)
+    logits = forward_logits(model, params, tokens[0])
+    assert logits.shape == (3, 97)
