@@ -113,6 +113,27 @@ def check_prefix_free(continuations: Sequence[Sequence[int]]) -> None:
                 )
 
 
+def check_context(length: int, config) -> None:
+    """Raise if a sequence of `length` tokens exceeds the model's context.
+
+    Callers pass padded lengths, which are static under jit, so a batch is
+    rejected when its longest possible sequence does not fit.
+
+    Args:
+      length: prompt tokens (with any shared prefix and padding) plus the
+        tokens to score or generate after them.
+      config: the model's ModelConfig.
+    """
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"The sequence would be {length} tokens long (prompt plus "
+            "continuation), more than the model's context of "
+            f"max_position_embeddings={config.max_position_embeddings}. "
+            "Shorten the prompt, generate fewer tokens, or use a model "
+            "with a longer context."
+        )
+
+
 def _repeat_rows(cache: KVCache, times: int) -> KVCache:
     return KVCache(
         k=jnp.repeat(cache.k, times, axis=1),
@@ -148,6 +169,8 @@ def score_continuations(model: Transformer, variables, tokens, valid,
     """
     batch = tokens.shape[0]
     num_cont, cont_len = continuations.shape
+    prefix_len = 0 if prefix is None else prefix.shape[0]
+    check_context(prefix_len + tokens.shape[1] + cont_len, model.config)
 
     # Shared prefix once, broadcast to every prompt.
     cache = None
