@@ -76,7 +76,7 @@ def test_shared_prefix_matches_full_prompts(embedded_model, ipd_scores):
     shared = score(embedded_model, rests, continuations, prefix=prefix)
 
     # The prefix cache changes the fp32 summation order over 30 layers, so
-    # log-probs near -13 move by about 1e-6 relative.
+    # log-probs near -13 move by a few 1e-6 relative.
     np.testing.assert_allclose(shared.log_probs, full.log_probs, atol=1e-5,
                                rtol=1e-5)
     np.testing.assert_allclose(np.exp(shared.log_probs),
