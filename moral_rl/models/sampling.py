@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moral_rl.models.scoring import check_context
 from moral_rl.models.transformer import (KVCache, Transformer,
                                          positions_from_valid)
 
@@ -96,6 +97,7 @@ def generate(model: Transformer, variables, tokens, valid, key, *,
       GenerateOutput with [B, N] tokens and valid mask.
     """
     batch, prompt_len = tokens.shape
+    check_context(prompt_len + max_new_tokens, model.config)
     positions = positions_from_valid(valid)
     hidden, prompt_cache = model.apply(variables, tokens, positions, valid)
 

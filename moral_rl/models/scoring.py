@@ -113,6 +113,27 @@ def check_prefix_free(continuations: Sequence[Sequence[int]]) -> None:
                 )
 
 
+def check_context(length: int, config) -> None:
+    """Raise if a sequence of `length` tokens exceeds the model's context.
+
+    Callers pass padded lengths, which are static under jit, so a batch is
+    rejected when its longest possible sequence does not fit.
+
+    Args:
+      length: prompt tokens (with any shared prefix and padding) plus the
+        tokens to score or generate after them.
+      config: the model's ModelConfig.
+    """
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"The sequence would be {length} tokens long (prompt plus "
+            "continuation), more than the model's context of "
+            f"max_position_embeddings={config.max_position_embeddings}. "
+            "Shorten the prompt, generate fewer tokens, or use a model "
+            "with a longer context."
+        )
+
+
 def _repeat_rows(cache: KVCache, times: int) -> KVCache:
     return KVCache(
         k=jnp.repeat(cache.k, times, axis=1),
@@ -216,10 +237,12 @@ def score_continuations(model: Transformer, variables, tokens, valid,
     """
     if levels is None:
         levels = levels_from_prefix(tokens, valid, prefix)
+    num_cont, cont_len = continuations.shape
+    padded_prompt = sum(level.tokens.shape[1] for level in levels)
+    check_context(padded_prompt + cont_len, model.config)
     last_hidden, cache, prompt_lengths = encode_prompt_tree(
         model, variables, levels)
     batch = last_hidden.shape[0]
-    num_cont, cont_len = continuations.shape
 
     # First continuation token, read at the last prompt position.
     first_logits = model.apply(variables, last_hidden,

@@ -368,6 +368,11 @@ class Transformer(nn.Module):
         )
         h, (k, v) = self.layers(h, layer_inputs, positions, valid, cache_meta)
         new_cache = KVCache(k=k, v=v, positions=positions, valid=valid)
+        if self.is_initializing() and not cfg.tie_word_embeddings:
+            # `init` runs only this method, and setup submodules create their
+            # parameters when first called, so the output layer is touched
+            # here or an untied model's tree would lack lm_head.
+            self.lm_head(h[:, :1])
         return self.final_norm(h), new_cache
 
     def unembed(self, hidden):
