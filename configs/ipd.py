@@ -83,7 +83,7 @@ def get_config(arg=None):
     # Batch: B games per agent, each update plays `rollout_length` rounds.
     config.num_games = 16384
     config.rollout_length = 1
-    config.num_updates = 24
+    config.num_updates = 12
     config.num_adapters = 1  # Independent agents (seeds) in one program.
 
     # PPO (see moral_rl.ppo.PPOConfig for each field's source).
@@ -120,8 +120,8 @@ def get_config(arg=None):
     config.mesh.adapter = 1
 
     config.log_every = 1  # Updates between metric records.
-    config.figure_every = 8  # Updates between action-type figures.
-    config.checkpoint_every = 8  # Updates between checkpoints.
+    config.figure_every = 4  # Updates between action-type figures.
+    config.checkpoint_every = 4  # Updates between checkpoints.
     config.keep_checkpoints = 2
 
     if switches["smoke"]:
