@@ -208,7 +208,7 @@ def _ppo_loss(adapter, batch, *, settings, inputs):
 def agent_update(agent: AgentState, key, step, payoffs, opponent,
                  phase_rewards, *, inputs: StepInputs,
                  settings: StepSettings):
-    """One PPO update of one agent; see the module docstring.
+    """Run one PPO update of one agent; see the module docstring.
 
     Returns:
       (new AgentState, dict of scalar metrics).
@@ -317,7 +317,7 @@ def agent_update(agent: AgentState, key, step, payoffs, opponent,
 
 def update_step(state: TrainState, inputs: StepInputs, *,
                 settings: StepSettings):
-    """One update of every agent; jit this with `settings` bound.
+    """Run one update of every agent; jit this with `settings` bound.
 
     Returns:
       (new TrainState, metrics dict with [A] arrays).

@@ -40,7 +40,7 @@ TRAIN_ACTION_STRINGS = ("action1", "action2")
 
 @dataclasses.dataclass(frozen=True)
 class PromptState:
-    """What one prompt shows: the last round and the two action orders.
+    """The last round and the two action orders that one prompt shows.
 
     Attributes:
       prev_action_m: the agent's last move (COOPERATE, DEFECT or ILLEGAL).
@@ -84,7 +84,7 @@ def _ordered(pair, d_first):
 
 
 def _payoff_table(game: Game, strings: Sequence[str]) -> str:
-    """A table with the agent's actions as rows and the opponent's as columns."""
+    """Render the payoff table: the agent's actions as rows, the opponent's as columns."""
     header = f"| you \\ other agent | {strings[0]} | {strings[1]} |"
     lines = [header, "| --- | --- | --- |"]
     for row in (COOPERATE, DEFECT):
@@ -113,7 +113,7 @@ def _last_round(game: Game, strings, state: PromptState) -> str:
 
 def standard_template(game: Game, strings: Sequence[str],
                       state: PromptState) -> str:
-    """The training prompt: rules, payoff table, last round, question."""
+    """Render the training prompt: rules, payoff table, last round, question."""
     named = _ordered(strings, state.named_d_first)
     answer = _ordered(strings, state.answer_d_first)
     return (

@@ -134,14 +134,6 @@ def check_context(length: int, config) -> None:
         )
 
 
-def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    return KVCache(
-        k=jnp.repeat(cache.k, times, axis=1),
-        v=jnp.repeat(cache.v, times, axis=1),
-        positions=jnp.repeat(cache.positions, times, axis=0),
-        valid=jnp.repeat(cache.valid, times, axis=0))
-
-
 def log_rest(log_probs):
     """Return log(1 - sum(exp(log_probs))) over the last axis, safely."""
     total = jnp.sum(jnp.exp(log_probs), axis=-1)
@@ -250,26 +242,31 @@ def score_continuations(model: Transformer, variables, tokens, valid,
     first_log_probs = jax.nn.log_softmax(first_logits, axis=-1)  # [B, V]
     log_probs = first_log_probs[:, continuations[:, 0]]  # [B, K]
 
-    # Later tokens: feed the continuation (all but its last token) after
-    # each prompt, batched as B * K rows over the repeated prompt cache.
+    # Later tokens: feed every continuation (all but its last token) after
+    # each prompt in one row per prompt, one segment per continuation, so
+    # the continuations share the prompt's cache without copying it.
     if cont_len > 1:
-        inputs = jnp.tile(continuations[:, :-1], (batch, 1))  # [B*K, C-1]
-        inputs_valid = jnp.tile(continuation_valid[:, :-1], (batch, 1))
-        row_start = jnp.repeat(prompt_lengths, num_cont)
-        cont_positions = positions_from_valid(
-            jnp.ones_like(inputs_valid), row_start)
+        steps = cont_len - 1
+        inputs = jnp.tile(continuations[:, :-1].reshape(-1), (batch, 1))
+        inputs_valid = jnp.tile(continuation_valid[:, :-1].reshape(-1),
+                                (batch, 1))  # [B, K*(C-1)]
+        segments = jnp.tile(jnp.repeat(jnp.arange(num_cont), steps),
+                            (batch, 1))
+        offsets = jnp.tile(jnp.arange(steps), num_cont)
+        cont_positions = prompt_lengths[:, None] + offsets[None, :]
         cont_hidden, _ = model.apply(
-            variables, inputs, cont_positions, inputs_valid,
-            _repeat_rows(cache, num_cont))
+            variables, inputs, cont_positions, inputs_valid, cache,
+            segments)
         cont_logits = model.apply(variables, cont_hidden,
                                   method=Transformer.unembed)
         cont_log_probs = jax.nn.log_softmax(cont_logits, axis=-1)
-        targets = jnp.tile(continuations[:, 1:], (batch, 1))  # [B*K, C-1]
+        targets = jnp.tile(continuations[:, 1:].reshape(-1), (batch, 1))
         picked = jnp.take_along_axis(cont_log_probs, targets[..., None],
-                                     axis=-1)[..., 0]
-        target_valid = jnp.tile(continuation_valid[:, 1:], (batch, 1))
-        later = jnp.sum(jnp.where(target_valid, picked, 0.0), axis=-1)
-        log_probs = log_probs + later.reshape(batch, num_cont)
+                                     axis=-1)[..., 0]  # [B, K*(C-1)]
+        target_valid = jnp.tile(continuation_valid[:, 1:].reshape(-1),
+                                (batch, 1))
+        later = jnp.where(target_valid, picked, 0.0)
+        log_probs = log_probs + later.reshape(batch, num_cont, steps).sum(-1)
 
     return ScoreOutput(log_probs=log_probs, rest_log_prob=log_rest(log_probs),
                        last_hidden=last_hidden)

@@ -185,7 +185,8 @@ class Attention(nn.Module):
     lora: LoRASpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, valid, cache, window, inv_freq):
+    def __call__(self, x, positions, valid, cache, window, inv_freq,
+                 segments=None):
         """Attend from the new tokens to the cache and to themselves.
 
         Args:
@@ -196,6 +197,9 @@ class Attention(nn.Module):
             shapes [B, S0, K, H] twice, [B, S0] twice.
           window: attention window in tokens (scalar int32).
           inv_freq: this layer's RoPE inverse frequencies [H/2].
+          segments: None, or [B, T] int32 segment ids of the new tokens; a
+            new token then sees only new tokens of its own segment (and the
+            whole cache).
 
         Returns:
           output [B, T, D] and the new tokens' (k, v), each [B, T, K, H].
@@ -244,6 +248,11 @@ class Attention(nn.Module):
         # [B, T, S]: valid key, not in the future, inside the window.
         offset = positions[:, :, None] - key_positions[:, None, :]
         allowed = key_valid[:, None, :] & (offset >= 0) & (offset < window)
+        if segments is not None:
+            same = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
+            cached = keys.shape[1] - length
+            shared = jnp.ones((batch, length, cached), bool)
+            allowed = allowed & jnp.concatenate([shared, same], axis=2)
         logits = jnp.where(allowed[:, None, None], logits, _MASKED_LOGIT)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
 
@@ -283,7 +292,8 @@ class Block(nn.Module):
     lora: LoRASpec | None = None
 
     @nn.compact
-    def __call__(self, h, layer_inputs, positions, valid, cache_meta):
+    def __call__(self, h, layer_inputs, positions, valid, cache_meta,
+                 segments):
         cfg = self.config
         norm_args = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                          dtype=_dtype(cfg.dtype),
@@ -293,7 +303,7 @@ class Block(nn.Module):
 
         attn_out, new_kv = Attention(cfg, self.lora, name="attn")(
             RMSNorm(name="attn_norm", **norm_args)(h),
-            positions, valid, cache, window, inv_freq)
+            positions, valid, cache, window, inv_freq, segments)
         if cfg.post_norms:
             attn_out = RMSNorm(name="attn_post_norm", **norm_args)(attn_out)
         h = h + attn_out
@@ -331,7 +341,8 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast,
+                     nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.lora)
         self.final_norm = RMSNorm(
@@ -341,7 +352,8 @@ class Transformer(nn.Module):
             self.lm_head = Dense(cfg.vocab_size, dtype=_dtype(cfg.dtype),
                                  param_dtype=pdtype)
 
-    def __call__(self, tokens, positions, valid, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, valid, cache: KVCache | None = None,
+                 segments=None):
         """Run the decoder over new tokens, attending to an optional cache.
 
         Args:
@@ -349,6 +361,10 @@ class Transformer(nn.Module):
           positions: [B, T] int32 positions (padding may hold any value).
           valid: [B, T] bool, False for padding.
           cache: earlier tokens' keys and values, batch B.
+          segments: optional [B, T] int32 ids that split the new tokens into
+            independent continuations of the cache: a token attends to the
+            cache and to earlier tokens of its own segment only. Several
+            short continuations of one prompt then share one cache row.
 
         Returns:
           hidden [B, T, D] after the final norm, and a KVCache of the new
@@ -366,7 +382,8 @@ class Transformer(nn.Module):
             jnp.asarray(cfg.layer_windows()),
             jnp.asarray(cfg.layer_rope_frequencies()),
         )
-        h, (k, v) = self.layers(h, layer_inputs, positions, valid, cache_meta)
+        h, (k, v) = self.layers(h, layer_inputs, positions, valid, cache_meta,
+                                segments)
         new_cache = KVCache(k=k, v=v, positions=positions, valid=valid)
         if self.is_initializing() and not cfg.tie_word_embeddings:
             # `init` runs only this method, and setup submodules create their
