@@ -34,11 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import ipd  # noqa: E402
-from moral_rl import learner, policy, prompts, run_config, train  # noqa: E402
-from moral_rl.games import payoffs  # noqa: E402
+from moral_rl import learner, run_config, train  # noqa: E402
 from moral_rl.models import loading, lora as lora_lib  # noqa: E402
-from moral_rl.models import tokenizer as tokenizer_lib  # noqa: E402
-from moral_rl.models.transformer import Transformer  # noqa: E402
 
 
 def measure_peak(size=2048, repeats=5):
@@ -105,27 +102,11 @@ def main():
     args = parser.parse_args()
 
     config = ipd.get_config("utilitarian")
+    run = train.build_run(config)
+    state, inputs, step_settings = run.state, run.inputs, run.step_settings
+    prompt_set, answers, model_config = (run.prompt_set, run.answers,
+                                         run.model_config)
     settings = run_config.validate(config)
-    source = loading.resolve_source(config.model.name)
-    model_config, params = loading.load_config_and_params(source)
-    tokenizer = tokenizer_lib.load_tokenizer(source)
-    prompt_set = prompts.build_prompt_set(
-        tokenizer, payoffs.get_game(config.game))
-    answers = policy.answer_sequences(tokenizer, settings.action_strings)
-    answer_arrays = (jnp.asarray(answers.tokens), jnp.asarray(answers.valid),
-                     jnp.asarray(answers.action))
-    ref_log_probs, _ = policy.policy_outputs(
-        Transformer(model_config), params, None, prompt_set.arrays(),
-        answer_arrays)
-    optimizer = train.make_optimizer(config)
-    inputs = train.build_inputs(config, settings, params, prompt_set,
-                                answers, ref_log_probs)
-    state = train.init_train_state(config, settings, model_config, inputs,
-                                   optimizer)
-    step_settings = learner.StepSettings(
-        model=Transformer(model_config, settings.lora), optimizer=optimizer,
-        ppo=settings.ppo, num_games=config.num_games,
-        rollout_length=config.rollout_length)
     update = jax.jit(lambda s, i: learner.update_step(
         s, i, settings=step_settings), donate_argnums=0)
 

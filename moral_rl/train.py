@@ -5,6 +5,7 @@
   mesh and jit, loop (update, log, figure, checkpoint), final results.
 """
 
+import dataclasses
 import json
 import logging
 
@@ -194,27 +195,33 @@ def _tokens_per_update(prompt_set, answers, settings):
     return per_call * (1 + settings.ppo.epochs * settings.ppo.minibatches)
 
 
-def train_and_evaluate(config, workdir: str, *, resume: bool = False,
-                       resume_from: str | None = None) -> dict:
-    """Train LLM agents with PPO on a moral reward; see the module doc.
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """Everything a run builds from its config before the first update.
 
-    Args:
-      config: a ConfigDict from configs/.
-      workdir: the run folder for TensorBoard logs, metrics and checkpoints.
-      resume: require an existing checkpoint in `workdir` to continue from.
-      resume_from: another run's folder to start from when `workdir` has no
-        checkpoint.
-
-    Returns:
-      The last update's metrics of every adapter, {name: [A] list}.
+    Attributes:
+      model_config: the base model's architecture.
+      tokenizer: its tokenizer.
+      prompt_set: the game's prompts.
+      answers: the legal answer sequences.
+      inputs: arrays every update reads.
+      state: the fresh train state.
+      step_settings: static settings of the update.
     """
-    log.info("Checking the config.")
-    settings = run_config.validate(config)
-    ckpt_dir = checkpoint_lib.resolve_restore(workdir, resume_from)
-    if resume and ckpt_dir != checkpoint_lib.checkpoint_dir(workdir):
-        raise FileNotFoundError(
-            f"--resume was given but {workdir!r} has no finished checkpoint; "
-            "drop --resume to start a new run there.")
+
+    model_config: object
+    tokenizer: object
+    prompt_set: prompts_lib.PromptSet
+    answers: policy_lib.AnswerSet
+    inputs: learner.StepInputs
+    state: learner.TrainState
+    step_settings: learner.StepSettings
+
+
+def build_run(config, settings: run_config.RunSettings | None = None
+              ) -> RunSetup:
+    """Load the model and build prompts, reference policy and train state."""
+    settings = settings or run_config.validate(config)
 
     log.info("Loading the model %r.", config.model.name)
     source = loading.resolve_source(config.model.name)
@@ -246,6 +253,42 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                           ref_log_probs)
     state = init_train_state(config, settings, model_config, inputs,
                              optimizer)
+    step_settings = learner.StepSettings(
+        model=Transformer(model_config, settings.lora,
+                          remat=config.model.remat),
+        optimizer=optimizer, ppo=settings.ppo, num_games=config.num_games,
+        rollout_length=config.rollout_length)
+    return RunSetup(model_config=model_config, tokenizer=tokenizer,
+                    prompt_set=prompt_set, answers=answers, inputs=inputs,
+                    state=state, step_settings=step_settings)
+
+
+def train_and_evaluate(config, workdir: str, *, resume: bool = False,
+                       resume_from: str | None = None) -> dict:
+    """Train LLM agents with PPO on a moral reward; see the module doc.
+
+    Args:
+      config: a ConfigDict from configs/.
+      workdir: the run folder for TensorBoard logs, metrics and checkpoints.
+      resume: require an existing checkpoint in `workdir` to continue from.
+      resume_from: another run's folder to start from when `workdir` has no
+        checkpoint.
+
+    Returns:
+      The last update's metrics of every adapter, {name: [A] list}.
+    """
+    log.info("Checking the config.")
+    settings = run_config.validate(config)
+    ckpt_dir = checkpoint_lib.resolve_restore(workdir, resume_from)
+    if resume and ckpt_dir != checkpoint_lib.checkpoint_dir(workdir):
+        raise FileNotFoundError(
+            f"--resume was given but {workdir!r} has no finished checkpoint; "
+            "drop --resume to start a new run there.")
+
+    run = build_run(config, settings)
+    prompt_set, inputs, state = run.prompt_set, run.inputs, run.state
+    answers, step_settings = run.answers, run.step_settings
+
     checkpointer = checkpoint_lib.Checkpointer(
         checkpoint_lib.checkpoint_dir(workdir),
         max_to_keep=config.keep_checkpoints)
@@ -260,18 +303,13 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     else:
         writer_lib.write_config(workdir, config.to_dict())
         writer.write_hparams(config.to_dict())
-        _log_reference(writer, prompt_set, ref_log_probs)
+        _log_reference(writer, prompt_set, inputs.ref_log_probs)
 
     log.info("Compiling the update on %d device(s).", config.mesh.adapter)
     devices = np.asarray(jax.devices()[:config.mesh.adapter])
     mesh = Mesh(devices, ("adapter",))
     state_sharding, inputs_sharding, metrics_sharding = _shardings(
         mesh, state, inputs)
-    step_settings = learner.StepSettings(
-        model=Transformer(model_config, settings.lora,
-                          remat=config.model.remat),
-        optimizer=optimizer, ppo=settings.ppo, num_games=config.num_games,
-        rollout_length=config.rollout_length)
     update = jax.jit(
         lambda s, i: learner.update_step(s, i, settings=step_settings),
         in_shardings=(state_sharding, inputs_sharding),

@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 from configs import ipd
-from moral_rl import learner, policy, ppo, prompts, run_config, train
-from moral_rl.games import payoffs
-from moral_rl.models import loading
-from moral_rl.models.transformer import Transformer
+from moral_rl import learner, ppo, train
 
 
 def test_one_step_advantages_are_reward_minus_value():
@@ -50,27 +47,13 @@ def tiny_setup(tiny_llama_factory, embedded_model):
     config.num_adapters = 2
     config.reward_schedule = "game:1,utilitarian"
     config.lora.rank = 2
-    settings = run_config.validate(config)
-
-    source = loading.resolve_source(checkpoint.folder)
-    model_config, params = loading.load_config_and_params(source)
-    tokenizer = embedded_model.tokenizer
-    prompt_set = prompts.build_prompt_set(
-        tokenizer, payoffs.get_game(config.game))
-    answers = policy.answer_sequences(tokenizer, settings.action_strings)
-    ref_log_probs, _ = policy.policy_outputs(
-        Transformer(model_config), params, None, prompt_set.arrays(),
-        (jnp.asarray(answers.tokens), jnp.asarray(answers.valid),
-         jnp.asarray(answers.action)))
-    optimizer = train.make_optimizer(config)
-    inputs = train.build_inputs(config, settings, params, prompt_set,
-                                answers, ref_log_probs)
-    state = train.init_train_state(config, settings, model_config, inputs,
-                                   optimizer)
-    step_settings = learner.StepSettings(
-        model=Transformer(model_config, settings.lora), optimizer=optimizer,
-        ppo=settings.ppo, num_games=config.num_games,
-        rollout_length=config.rollout_length)
+    # The tiny model answers illegally in almost every game, and normalised
+    # equal rewards give zero advantages and value targets. Raw rewards keep
+    # a value-loss gradient, which reaches the adapters through the trunk.
+    config.ppo.reward_norm = False
+    config.ppo.reward_scaling = False
+    run = train.build_run(config)
+    state, inputs, step_settings = run.state, run.inputs, run.step_settings
     return state, inputs, step_settings
 
 
