@@ -284,10 +284,11 @@ def agent_update(agent: AgentState, key, step, payoffs, opponent,
     (adapter, opt_state), step_aux = jax.lax.scan(
         grad_step, (agent.adapter, agent.opt_state), order)
 
-    # 5. KL controller, on the exact KL under the visited prompts.
+    # 5. KL controller, on the exact KL under the visited prompts. One
+    # update is one step of the controller, whose horizon counts updates.
     kl_per_prompt = ppo.kl_divergence(log_probs, inputs.ref_log_probs)
     observed_kl = jnp.mean(kl_per_prompt[traj.prompt])
-    kl_state = ppo.update_kl_controller(agent.kl, observed_kl, size,
+    kl_state = ppo.update_kl_controller(agent.kl, observed_kl, 1,
                                         config.kl_target, config.kl_horizon)
 
     new_agent = AgentState(adapter=adapter, opt_state=opt_state, kl=kl_state,

@@ -270,7 +270,8 @@ def update_kl_controller(state, observed_kl, n_steps, target, horizon):
     Args:
         state: current `KLControllerState`.
         observed_kl: [] mean KL to the reference policy measured in this update.
-        n_steps: number of samples in this update (TRL passes its batch size).
+        n_steps: steps taken since the last call, in the unit of `horizon`
+            (TRL passes its batch size in samples; moral_rl passes 1 update).
         target: KL value the controller steers towards, or None/0 for fixed.
         horizon: number of samples over which the error is corrected.
 
@@ -406,8 +407,12 @@ class PPOConfig:
             and paper).
         kl_target: KL the adaptive controller steers towards (TRL `target`, 6.0).
             None or 0 keeps the coefficient fixed at `kl_initial`.
-        kl_horizon: samples over which the controller corrects the KL error (TRL
-            `horizon`, 10000).
+        kl_horizon: updates over which the controller corrects the KL error.
+            TRL counts samples (`horizon` 10000) and the paper's PPO step has 5
+            games, so the coefficient moved by at most 0.2 * 5 / 10000 per
+            step there; 2000 updates keeps that rate per update. Counting
+            samples instead would move it by a third per update with
+            thousands of games, and the penalty would swamp the reward.
         reward_scaling: divide rewards by their running standard deviation (TRL
             `use_score_scaling`, on in the paper).
         reward_norm: also subtract the running mean. Needs `reward_scaling` (TRL
@@ -429,7 +434,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     kl_initial: float = 0.2
     kl_target: float | None = 6.0
-    kl_horizon: int = 10000
+    kl_horizon: int = 2000
     reward_scaling: bool = True
     reward_norm: bool = True
     reward_clip: float | None = None
@@ -461,7 +466,7 @@ class PPOConfig:
                 self.kl_target is None or self.kl_target >= 0,
                 "use a positive KL target such as 6.0, or None for a fixed coefficient",
             ),
-            ("kl_horizon", self.kl_horizon > 0, "use a sample count > 0 such as 10000"),
+            ("kl_horizon", self.kl_horizon > 0, "use an update count > 0 such as 2000"),
             (
                 "reward_norm",
                 self.reward_scaling or not self.reward_norm,

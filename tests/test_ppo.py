@@ -291,7 +291,7 @@ def test_config_defaults_follow_trl():
     assert config.epochs == 4
     assert config.kl_initial == 0.2
     assert config.kl_target == 6.0
-    assert config.kl_horizon == 10000
+    assert config.kl_horizon == 2000
     assert config.discount == 0.0
 
 

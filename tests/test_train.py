@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import ipd
-from moral_rl import train
+from moral_rl import summary, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +58,24 @@ def test_smoke_run_writes_results(uninterrupted):
         steps = [json.loads(line)["step"] for line in f]
     assert steps == list(range(31))
     assert len(metrics["actions/cooperation"]) == 1
+
+
+@pytest.mark.slow
+def test_summary_table_has_run_row(uninterrupted):
+    workdir, metrics = uninterrupted
+
+    lines = summary.markdown_table([workdir]).splitlines()
+
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[1:5] == ["utilitarian", "tit_for_tat", "0", "30"]
+    assert float(cells[10]) == pytest.approx(
+        metrics["actions/cooperation"][0], abs=1e-3)
+
+
+def test_summary_of_unfinished_run_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="final_metrics.json"):
+        summary.run_row(str(tmp_path))
 
 
 @pytest.mark.slow
