@@ -273,7 +273,8 @@ def update_kl_controller(state, observed_kl, n_steps, target, horizon):
         n_steps: steps taken since the last call, in the unit of `horizon`
             (TRL passes its batch size in samples; moral_rl passes 1 update).
         target: KL value the controller steers towards, or None/0 for fixed.
-        horizon: number of samples over which the error is corrected.
+        horizon: steps, in the unit of `n_steps`, over which the error is
+            corrected.
 
     Returns:
         The new `KLControllerState`.

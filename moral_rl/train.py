@@ -301,9 +301,11 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                      int(state.step))
         writer.truncate_after(int(state.step))
     else:
-        writer_lib.write_config(workdir, config.to_dict())
         writer.write_hparams(config.to_dict())
         _log_reference(writer, prompt_set, inputs.ref_log_probs)
+    # Rewritten on resume too, so it holds the config the run finished with
+    # (a resumed run may extend num_updates, say).
+    writer_lib.write_config(workdir, config.to_dict())
 
     log.info("Compiling the update on %d device(s).", config.mesh.adapter)
     devices = np.asarray(jax.devices()[:config.mesh.adapter])
