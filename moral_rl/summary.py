@@ -14,10 +14,11 @@ import os
 import sys
 
 COLUMNS = (
-    ("actions/c_given_c", "C|C"),
-    ("actions/c_given_d", "C|D"),
-    ("actions/d_given_c", "D|C"),
-    ("actions/d_given_d", "D|D"),
+    # The pipe is escaped, so these labels stay one Markdown table cell.
+    ("actions/c_given_c", "C\\|C"),
+    ("actions/c_given_d", "C\\|D"),
+    ("actions/d_given_c", "D\\|C"),
+    ("actions/d_given_d", "D\\|D"),
     ("actions/illegal", "illegal"),
     ("actions/cooperation", "cooperation"),
     ("policy/p_cooperate", "P(C)"),

@@ -8,6 +8,7 @@ model raises cooperation far above the untuned model's.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def test_summary_table_has_run_row(uninterrupted):
     lines = summary.markdown_table([workdir]).splitlines()
 
     assert len(lines) == 3
+    header = re.split(r"(?<!\\)\|", lines[0].strip("|"))
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert len(header) == len(cells)
+    assert header[5].strip() == "C\\|C"
     assert cells[1:5] == ["utilitarian", "tit_for_tat", "0", "30"]
     assert float(cells[10]) == pytest.approx(
         metrics["actions/cooperation"][0], abs=1e-3)
