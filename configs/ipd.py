@@ -15,7 +15,7 @@ Launch, from the repository root:
 
 Defaults that come from Tennant et al., "Moral Alignment for LLM Agents"
 (ICLR 2025) say so; the others are sized so that the run on the embedded
-SmolLM2-135M-Instruct finishes on a 2-core CPU in about ten minutes.
+SmolLM2-135M-Instruct finishes on a 2-core CPU in about eight minutes.
 """
 
 import ml_collections
