@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 
 
 def default_run_name(config) -> str:
-    return (config.run_name or f"{config.game}__{config.reward}__"
+    """Name a run <game>__<reward or schedule>__<opponent>__seed<seed>."""
+    reward = config.reward_schedule or config.reward
+    reward = reward.replace(":", "").replace(",", "-")
+    return (config.run_name or f"{config.game}__{reward}__"
             f"{config.opponent}__seed{config.seed}")
 
 

@@ -7,7 +7,7 @@ touching the model loader.
 
 import pytest
 
-from configs import ipd
+from configs import ipd, unlearning
 from moral_rl import run_config, train
 from moral_rl.models import loading
 
@@ -91,3 +91,14 @@ def test_bad_config_fails_before_model_loads(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="config.num_games"):
         train.train_and_evaluate(_config(num_games=-5), str(tmp_path))
+
+
+def test_unlearning_config_switches_halfway():
+    config = unlearning.get_config("deontological")
+
+    settings = run_config.validate(config)
+
+    assert config.num_updates == 24
+    assert settings.reward_phases == ((0, "game"), (12, "deontological"))
+    assert train.default_run_name(config) == (
+        "prisoners_dilemma__game12-deontological__tit_for_tat__seed0")
