@@ -1,7 +1,7 @@
 """Command-line entry point: parse flags, load the config, train.
 
   python -m moral_rl.main --config=configs/ipd.py:utilitarian \
-      [--config.ppo.learning_rate=3e-5] [--workdir=results/my_run] [--resume]
+      [--config.optimizer.learning_rate=3e-5] [--workdir=results/my_run] [--resume]
 """
 
 import logging

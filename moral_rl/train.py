@@ -384,6 +384,8 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         with open(os.path.join(workdir, "action_types.png"), "wb") as f:
             f.write(figure)
     writer.close()
+    log.info("Results are in %s (TensorBoard: tensorboard --logdir %s).",
+             workdir, workdir)
     return last
 
 

@@ -214,6 +214,8 @@ def _write_atomically(path, text):
             temporary_file.write(text)
             temporary_file.flush()
             os.fsync(temporary_file.fileno())
+        # mkstemp creates the file private (0600); results are shared files.
+        os.chmod(temporary_path, 0o644)
         os.replace(temporary_path, path)
     except BaseException:
         os.unlink(temporary_path)
