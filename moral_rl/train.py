@@ -339,6 +339,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         with open(os.path.join(workdir, FINAL_METRICS_FILE)) as f:
             return json.load(f)["metrics"]
 
+    title = f"{config.reward_schedule or config.reward} vs {config.opponent}"
     log.info("Training for %d updates.", config.num_updates)
     for step in range(first_step, config.num_updates):
         tick = time.time()
@@ -361,9 +362,8 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                                  first_step), flush=True)
         if done % config.figure_every == 0 or done == config.num_updates:
             png = plots.action_types_png(
-                [h["step"] for h in history], history,
-                title=f"{config.reward_schedule or config.reward} vs "
-                      f"{config.opponent}", switch_steps=switch_steps)
+                [h["step"] for h in history], history, title=title,
+                switch_steps=switch_steps)
             writer.write_images(done, {"actions/types": png})
         if done % config.checkpoint_every == 0 or done == config.num_updates:
             # Files first, checkpoint last: a run killed between the two
@@ -376,13 +376,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     checkpointer.close()
     _write_json(os.path.join(workdir, FINAL_METRICS_FILE),
                 {"step": int(state.step), "metrics": last})
-    if history:
-        figure = plots.action_types_png(
-            [h["step"] for h in history], history,
-            title=f"{config.reward_schedule or config.reward} vs "
-                  f"{config.opponent}", switch_steps=switch_steps)
-        with open(os.path.join(workdir, "action_types.png"), "wb") as f:
-            f.write(figure)
+    # The loop rendered the figure of the whole run at its last update.
+    with open(os.path.join(workdir, "action_types.png"), "wb") as f:
+        f.write(png)
     writer.close()
     log.info("Results are in %s (TensorBoard: tensorboard --logdir %s).",
              workdir, workdir)
