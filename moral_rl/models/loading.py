@@ -77,7 +77,7 @@ _TOP_TENSORS = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files are.
+    """Location of a model's files.
 
     Attributes:
       kind: "gguf" (one file) or "hf" (a folder with config.json).

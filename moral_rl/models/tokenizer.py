@@ -60,7 +60,8 @@ def tokenizer_from_gguf(path: str):
         raise ValueError(f"{path} has no tokenizer.ggml.tokens metadata, so "
                          "no tokenizer can be built from it.")
     if tokenizer_dict.get("tokenizer_type") == "llama":
-        # llama.cpp adds BOS to sentencepiece vocabularies unless told not to.
+        # llama.cpp adds BOS to sentencepiece vocabularies unless the file
+        # disables it.
         tokenizer_config.setdefault("add_bos_token", True)
     for name, key in mapping._SPECIAL_TOKENS.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")

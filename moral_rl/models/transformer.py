@@ -70,7 +70,7 @@ class KVCache:
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
-    """Which dense layers carry a low-rank adapter, and its size.
+    """The dense layers that carry a low-rank adapter, and its size.
 
     Attributes:
       rank: r, the inner width of the adapter.
