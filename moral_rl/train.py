@@ -108,6 +108,8 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
 def init_train_state(config, settings, model_config, inputs,
                      optimizer) -> learner.TrainState:
     """Fresh adapters, optimizer state and games for every agent."""
+    # NOTE: all adapters draw from one seed's keys, so adapter i of a
+    # multi-adapter run does not reproduce a single run with seed i.
     root = jax.random.key(config.seed)
     init_key, games_key, train_key = jax.random.split(root, 3)
     lora = lora_lib.init_lora(init_key, model_config, settings.lora,
