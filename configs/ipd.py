@@ -49,7 +49,7 @@ def get_config(arg=None):
     switches = parse_arg(arg)
     config = ml_collections.ConfigDict()
 
-    config.seed = 0  # Root PRNG seed; adapter i uses a key split from it.
+    config.seed = 0  # PRNG seed of the agent (of every agent without sweep).
     config.run_name = ""  # Empty: <game>__<reward>__<opponent>__seed<seed>.
 
     # The game and the agent's moral reward.
@@ -84,7 +84,29 @@ def get_config(arg=None):
     config.num_games = 16384
     config.rollout_length = 1
     config.num_updates = 12
-    config.num_adapters = 1  # Independent agents (seeds) in one program.
+
+    # Sweeps: every combination is one adapter of the same program, and
+    # agent i computes exactly what a one-agent run with its seed, reward
+    # and opponent computes. Empty fields keep the single value above.
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.seeds = ""  # As "0,1,2".
+    # Rewards or schedules separated by ";", as
+    # "game;utilitarian;game:6,deontological".
+    config.sweep.rewards = ""
+    config.sweep.opponents = ""  # As "tit_for_tat,random".
+
+    # Learning opponents: one population per seed, one member per reward
+    # (";"-separated, an even number); members play each other and each
+    # learns from its own reward. Two members are the paper's LLM-vs-LLM
+    # setting. Matching: "fixed" pairs (0, 1), (2, 3), ...; "round_robin"
+    # cycles through all pairs; "random" redraws the pairs every update.
+    config.population = ml_collections.ConfigDict()
+    config.population.rewards = ""
+    config.population.matching = "fixed"
+
+    # Adapters vmapped together in the model calls; 0 means all. Smaller
+    # values run chunks one after another and need less memory.
+    config.adapter_batch = 0
 
     # PPO (see moral_rl.ppo.PPOConfig for each field's source).
     config.ppo = ml_collections.ConfigDict()
@@ -121,9 +143,14 @@ def get_config(arg=None):
     config.optimizer.max_grad_norm = 1.0
     config.optimizer.grad_accum_steps = 1
 
-    # Devices: the adapter axis is split over `mesh.adapter` devices.
+    # Devices: a mesh of adapter x data x model devices. Agents are split
+    # over `adapter`, each agent's games over `data`, and with model > 1 the
+    # base weights are sharded FSDP-style over `model` (gathered per layer
+    # by XLA) instead of replicated.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.adapter = 1
+    config.mesh.data = 1
+    config.mesh.model = 1
 
     config.log_every = 1  # Updates between metric records.
     config.figure_every = 4  # Updates between action-type figures.

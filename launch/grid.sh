@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
-# The paper's main grid on one machine: four moral rewards against
-# Tit-for-Tat, five seeds each, one run after another. Each run goes to
-# results/grid/<reward>__seed<seed>; a run that was interrupted resumes
-# from its last checkpoint when the script is started again, and a run
-# that finished is skipped.
+# The paper's main grid on one machine as one program: four moral rewards
+# against Tit-for-Tat x five seeds, every agent an adapter of one frozen
+# base model. Each agent's results go to results/grid/<agent>; starting
+# the script again resumes an interrupted sweep from its last checkpoint.
 #
-#   bash launch/grid.sh                       # 4 rewards x 5 seeds
-#   SEEDS="0 1 2" bash launch/grid.sh --config.num_updates=8
+#   bash launch/grid.sh                                 # 4 rewards x 5 seeds
+#   SEEDS=0,1,2 bash launch/grid.sh --config.num_updates=8
+#   bash launch/grid.sh --config.adapter_batch=4        # 4 adapters at once
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rewards="${REWARDS:-game deontological utilitarian game_deontological}"
-seeds="${SEEDS:-0 1 2 3 4}"
-for reward in $rewards; do
-  for seed in $seeds; do
-    workdir="results/grid/${reward}__seed${seed}"
-    echo "== ${reward}, seed ${seed} -> ${workdir}"
-    .venv/bin/python -m moral_rl.main --config="configs/ipd.py:${reward}" \
-      --config.seed="${seed}" --workdir="${workdir}" "$@"
-  done
-done
+exec .venv/bin/python -m moral_rl.main --config=configs/sweep.py:grid \
+  --config.sweep.seeds="${SEEDS:-0,1,2,3,4}" \
+  --workdir="${WORKDIR:-results/grid}" "$@"

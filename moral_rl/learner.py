@@ -1,17 +1,23 @@
 """One PPO update of LLM agents playing a matrix game, as a pure function.
 
-`update_step(state, inputs) -> (state, metrics)` runs, for every adapter in
-parallel (a vmap over the adapter axis A):
-  1. the exact action distributions [P, 3] and values [P] of the adapter on
-     every distinct prompt (one batched model call);
-  2. a rollout of `rollout_length` rounds in B games against the opponent,
-     sampling actions from those distributions (no model calls);
-  3. moral rewards, reward scaling, the per-sample KL penalty to the frozen
-     reference policy, and advantages (one-step when discount = 0, as in
-     Tennant et al., else GAE along the iterated game);
-  4. `epochs x minibatches` PPO gradient steps on the adapter and its value
-     head, each one model call over the prompts;
-  5. the adaptive KL controller update.
+`update_step(state, inputs, partner) -> (state, metrics)` runs:
+  1. for every adapter, the exact action distributions [P, 3] and values
+     [P] on every distinct prompt (one batched model call per adapter);
+  2. a rollout of `rollout_length` rounds in B games per agent, sampling
+     actions from those distributions (no model calls). The opponent is
+     scripted, or in a population another agent: `partner[i]` is the
+     adapter that agent i plays, and both learn from the same games;
+  3. per agent, moral rewards, reward scaling, the per-sample KL penalty to
+     the frozen reference policy, and advantages (one-step when
+     discount = 0, as in Tennant et al., else GAE along the iterated game);
+  4. per agent, `epochs x minibatches` PPO gradient steps on the adapter and
+     its value head, each one model call over the prompts;
+  5. per agent, the adaptive KL controller update;
+  6. masking: an agent whose update produced a non-finite loss or parameter
+     keeps its previous state and is flagged as failed from then on.
+
+Steps 1 and 3-5 map over the adapter axis with `map_adapters`, vmapped in
+chunks of `adapter_batch` adapters so that memory can be traded for speed.
 
 Axis letters: A adapters, T rounds, B games, P prompts.
 """
@@ -49,6 +55,8 @@ class AgentState:
       kl: adaptive KL controller.
       reward_moments: running statistics for reward scaling.
       games: GameState of the agent's B games.
+      failed: bool [], set once an update diverged; the agent then keeps
+        its last finite state.
     """
 
     adapter: Any
@@ -56,6 +64,7 @@ class AgentState:
     kl: ppo.KLControllerState
     reward_moments: ppo.RunningMoments
     games: env_lib.GameState
+    failed: jax.Array
 
 
 @struct.dataclass
@@ -65,8 +74,10 @@ class TrainState:
     Attributes:
       step: number of updates done (int32 []).
       agents: AgentState with leaves [A, ...].
-      key: root key of the run; update `step` uses fold_in(key, step), so a
-        resumed run draws the same keys as an uninterrupted one.
+      key: [A] keys, one per agent, each derived from that agent's seed
+        alone; update `step` uses fold_in(key, step), so a resumed run draws
+        the same keys as an uninterrupted one and agent i of a sweep draws
+        the same keys as a one-agent run with its seed.
     """
 
     step: jax.Array
@@ -85,8 +96,8 @@ class StepInputs:
       ref_log_probs: [P, 3] reference policy (base model) distributions.
       payoffs: [A, 2, 2, 2] each agent's game.
       opponent: OpponentParams with leaves [A, ...].
-      phase_starts: [F] int32, first update of each reward phase (sorted,
-        the first is 0).
+      phase_starts: [A, F] int32, first update of each agent's reward
+        phases (sorted, the first is 0).
       phase_rewards: RewardParams with leaves [A, F, ...].
       logged_rewards: RewardParams with leaves [len(LOGGED_REWARDS), ...].
     """
@@ -112,6 +123,10 @@ class StepSettings:
       ppo: validated PPO settings.
       num_games: B, games per agent.
       rollout_length: T, rounds played per update.
+      matching: None for scripted opponents, else the population's
+        matching ("fixed", "random" or "round_robin").
+      adapter_batch: adapters vmapped together in the model calls; 0 means
+        all of them.
     """
 
     model: Transformer
@@ -119,6 +134,8 @@ class StepSettings:
     ppo: ppo.PPOConfig
     num_games: int
     rollout_length: int
+    matching: str | None = None
+    adapter_batch: int = 0
 
 
 class Transition(NamedTuple):
@@ -132,9 +149,21 @@ class Transition(NamedTuple):
     metrics: metrics_lib.StepMetrics
 
 
-def _play_round(key, games, log_probs, payoffs, opponent, reward_params,
-                logged_rewards, num_games):
-    """Sample B actions from the exact distributions and play one round."""
+def map_adapters(fn, xs, batch_size: int = 0):
+    """Map `fn` over the leading adapter axis of the pytree `xs`.
+
+    With `batch_size` 0 (or at least A) this is one vmap over all adapters.
+    A smaller size vmaps chunks of that many adapters one after another
+    (`jax.lax.map`), which keeps the activations of only one chunk alive.
+    """
+    num_adapters = jax.tree.leaves(xs)[0].shape[0]
+    if batch_size <= 0 or batch_size >= num_adapters:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=batch_size)
+
+
+def _choose_actions(key, games, log_probs, num_games):
+    """Sample one agent's B actions from its exact distributions."""
     key, order_key, action_key, opponent_key = jax.random.split(key, 4)
     order = jax.random.randint(order_key, (num_games,), 0,
                                prompts_lib.NUM_ORDERS)
@@ -142,9 +171,17 @@ def _play_round(key, games, log_probs, payoffs, opponent, reward_params,
                                       games.prev_action_o, order)
     action = jax.random.categorical(action_key, log_probs[prompt]).astype(
         jnp.int32)
-    action_o = jax.vmap(opponents_lib.opponent_action, in_axes=(0, 0, None))(
+    return prompt, action, opponent_key
+
+
+def _scripted_actions(opponent_key, games, opponent, num_games):
+    return jax.vmap(opponents_lib.opponent_action, in_axes=(0, 0, None))(
         jax.random.split(opponent_key, num_games), games, opponent)
 
+
+def _resolve_round(games, prompt, action, action_o, payoffs, opponent,
+                   reward_params, logged_rewards):
+    """Play one agent's B chosen actions against its opponent's."""
     params = env_lib.EnvParams(payoffs=payoffs, opponent=opponent,
                                reward=reward_params)
     new_games, round_payoffs = jax.vmap(
@@ -165,6 +202,56 @@ def _play_round(key, games, log_probs, payoffs, opponent, reward_params,
                             logged_rewards=logged, payoffs=round_payoffs,
                             metrics=metrics)
     return new_games, transition
+
+
+def _play_round(keys, games, log_probs, payoffs, opponent, reward_params,
+                logged_rewards, partner, num_games):
+    """Play one round of every agent's B games (leaves [A, B]).
+
+    Each agent samples from its own distributions. Against a scripted
+    opponent the opponent's move comes from the opponent's rule; in a
+    population it is the move that the partner sampled in the same game,
+    whose state the partner sees mirrored.
+    """
+    choose = functools.partial(_choose_actions, num_games=num_games)
+    prompt, action, opponent_key = jax.vmap(choose)(keys, games, log_probs)
+    if partner is None:
+        scripted = functools.partial(_scripted_actions, num_games=num_games)
+        action_o = jax.vmap(scripted)(opponent_key, games, opponent)
+    else:
+        action_o = action[partner]
+    return jax.vmap(_resolve_round, in_axes=(0, 0, 0, 0, 0, 0, 0, None))(
+        games, prompt, action, action_o, payoffs, opponent, reward_params,
+        logged_rewards)
+
+
+def mirror_games(games: env_lib.GameState, partner) -> env_lib.GameState:
+    """Give every agent the mirror image of its partner's games.
+
+    The agent with the lower index of each pair leads: its partner's games
+    become the same games seen from the other seat, so both play one set
+    of B games.
+    """
+    agents = jnp.arange(partner.shape[0])
+    follows = partner < agents
+    # Only scripted GrimTrigger opponents read m_defected_ever, and the
+    # partner's game does not track the other seat's history, so the
+    # mirror approximates it from the last move.
+    mirrored = env_lib.GameState(
+        prev_action_m=games.prev_action_o[partner],
+        prev_action_o=games.prev_action_m[partner],
+        prev_payoff_m=games.prev_payoff_o[partner],
+        prev_payoff_o=games.prev_payoff_m[partner],
+        round=games.round[partner],
+        return_m=games.return_o[partner],
+        return_o=games.return_m[partner],
+        m_defected_ever=games.prev_action_o[partner] != env_lib.COOPERATE)
+
+    def choose(own, other):
+        mask = follows.reshape(follows.shape + (1,) * (own.ndim - 1))
+        return jnp.where(mask, other, own)
+
+    return jax.tree.map(choose, games, mirrored)
 
 
 def _advantages(config: ppo.PPOConfig, rewards, values, next_values):
@@ -205,36 +292,30 @@ def _ppo_loss(adapter, batch, *, settings, inputs):
     return loss, aux
 
 
-def agent_update(agent: AgentState, key, step, payoffs, opponent,
-                 phase_rewards, *, inputs: StepInputs,
-                 settings: StepSettings):
-    """Run one PPO update of one agent; see the module docstring.
+def _active_rewards(phase_rewards, phase_starts, step):
+    """The reward phase of update `step` and its RewardParams."""
+    phase = jnp.searchsorted(phase_starts, step, side="right") - 1
+    return phase, jax.tree.map(lambda x: x[phase], phase_rewards)
+
+
+def _agent_outputs(adapter, *, inputs: StepInputs, settings: StepSettings):
+    """Exact distributions [P, 3] and values [P] of one adapter, no grads."""
+    log_probs, values = policy_lib.policy_outputs(
+        settings.model, inputs.base_params, adapter, inputs.prompts,
+        inputs.answers)
+    return jax.lax.stop_gradient(log_probs), jax.lax.stop_gradient(values)
+
+
+def _learn(agent: AgentState, traj: Transition, games, log_probs, values,
+           shuffle_key, phase, *, inputs: StepInputs,
+           settings: StepSettings):
+    """Steps 3-5 of the update for one agent, from its [T, B] rollout.
 
     Returns:
-      (new AgentState, dict of scalar metrics).
+      (new AgentState, dict of scalar metrics, finite flag).
     """
     config = settings.ppo
     num_games, rounds = settings.num_games, settings.rollout_length
-
-    # Active reward phase of this update.
-    phase = jnp.searchsorted(inputs.phase_starts, step, side="right") - 1
-    reward_params = jax.tree.map(lambda x: x[phase], phase_rewards)
-
-    # 1. Exact distributions and values under the current adapter.
-    log_probs, values = policy_lib.policy_outputs(
-        settings.model, inputs.base_params, agent.adapter, inputs.prompts,
-        inputs.answers)
-    log_probs = jax.lax.stop_gradient(log_probs)  # [P, 3]
-    values = jax.lax.stop_gradient(values)  # [P]
-
-    # 2. Rollout: T rounds of B games, no model calls.
-    def round_fn(games, round_key):
-        return _play_round(round_key, games, log_probs, payoffs, opponent,
-                           reward_params, inputs.logged_rewards, num_games)
-
-    key, rollout_key, shuffle_key = jax.random.split(key, 3)
-    games, traj = jax.lax.scan(round_fn, agent.games,
-                               jax.random.split(rollout_key, rounds))
 
     # 3. Rewards, KL penalty and advantages, all [T, B].
     moments = ppo.update_running_moments(agent.reward_moments,
@@ -292,7 +373,12 @@ def agent_update(agent: AgentState, key, step, payoffs, opponent,
                                         config.kl_target, config.kl_horizon)
 
     new_agent = AgentState(adapter=adapter, opt_state=opt_state, kl=kl_state,
-                           reward_moments=moments, games=games)
+                           reward_moments=moments, games=games,
+                           failed=agent.failed)
+    finite = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+            (adapter, step_aux))]))
+
     metrics = metrics_lib.aggregate_metrics(traj.metrics)
     probs = jnp.exp(log_probs)[traj.prompt]  # [T, B, 3]
     metrics.update({
@@ -313,22 +399,99 @@ def agent_update(agent: AgentState, key, step, payoffs, opponent,
         metrics[f"reward/{name}"] = traj.logged_rewards[..., i].mean()
     for name, series in step_aux.items():
         metrics[f"ppo/{name}"] = series.mean()
-    return new_agent, metrics
+    return new_agent, metrics, finite
 
 
-def update_step(state: TrainState, inputs: StepInputs, *,
+def _agent_keys(key, step):
+    """Rollout and shuffle keys of one agent for update `step`."""
+    # The split into one key keeps the derivation of the one-agent runs
+    # made before per-agent seeds, so their reference results still hold.
+    agent_key = jax.random.split(jax.random.fold_in(key, step), 1)[0]
+    _, rollout_key, shuffle_key = jax.random.split(agent_key, 3)
+    return rollout_key, shuffle_key
+
+
+def update_step(state: TrainState, inputs: StepInputs, partner=None, *,
                 settings: StepSettings):
     """Run one update of every agent; jit this with `settings` bound.
 
+    Args:
+      state: the TrainState.
+      inputs: the StepInputs.
+      partner: None against scripted opponents, else int32 [A], the adapter
+        index that each agent plays in this update (see `moral_rl.sweep`).
+
     Returns:
-      (new TrainState, metrics dict with [A] arrays).
+      (new TrainState, metrics dict with [A] arrays, including
+      "health/failed").
     """
-    key = jax.random.fold_in(state.key, state.step)
-    num_adapters = inputs.payoffs.shape[0]
-    agent_keys = jax.random.split(key, num_adapters)
-    update = functools.partial(agent_update, inputs=inputs, settings=settings)
-    agents, metrics = jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0))(
-        state.agents, agent_keys, state.step, inputs.payoffs,
-        inputs.opponent, inputs.phase_rewards)
+    rounds = settings.rollout_length
+    rollout_keys, shuffle_keys = jax.vmap(_agent_keys, in_axes=(0, None))(
+        state.key, state.step)
+    phases, reward_params = jax.vmap(_active_rewards,
+                                     in_axes=(0, 0, None))(
+        inputs.phase_rewards, inputs.phase_starts, state.step)
+
+    # 1. Exact distributions and values under the current adapters.
+    outputs = functools.partial(_agent_outputs, inputs=inputs,
+                                settings=settings)
+    log_probs, values = map_adapters(outputs, state.agents.adapter,
+                                     settings.adapter_batch)
+
+    # 2. Rollout: T rounds of every agent's B games, no model calls. A
+    # population that changes pairs meets on fresh games each update.
+    games = state.agents.games
+    if partner is not None:
+        if settings.matching != "fixed":
+            # A key folded from the rollout key, so the reset draws differ
+            # from the rollout's own draws.
+            reset_keys = jax.vmap(lambda k: jax.random.fold_in(k, rounds))(
+                rollout_keys)
+            reset = functools.partial(_reset_games,
+                                      num_games=settings.num_games)
+            games = jax.vmap(reset)(reset_keys, inputs.payoffs,
+                                    inputs.opponent, reward_params)
+        games = mirror_games(games, partner)
+
+    def round_fn(games, round_keys):
+        return _play_round(round_keys, games, log_probs, inputs.payoffs,
+                           inputs.opponent, reward_params,
+                           inputs.logged_rewards, partner, settings.num_games)
+
+    round_keys = jax.vmap(lambda k: jax.random.split(k, rounds))(rollout_keys)
+    games, traj = jax.lax.scan(round_fn, games,
+                               jnp.swapaxes(round_keys, 0, 1))
+    traj = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj)  # [A, T, B]
+
+    # 3-5. Rewards, advantages, PPO steps and KL control per agent.
+    def learn(args):
+        agent, agent_traj, agent_games, agent_log_probs, agent_values, \
+            shuffle_key, phase = args
+        return _learn(agent, agent_traj, agent_games, agent_log_probs,
+                      agent_values, shuffle_key, phase, inputs=inputs,
+                      settings=settings)
+
+    agents, metrics, finite = map_adapters(
+        learn, (state.agents, traj, games, log_probs, values, shuffle_keys,
+                phases), settings.adapter_batch)
+
+    # 6. A diverged agent keeps its last finite state from now on.
+    keep = finite & ~state.agents.failed
+
+    def select(new, old):
+        mask = keep.reshape(keep.shape + (1,) * (new.ndim - 1))
+        return jnp.where(mask, new, old)
+
+    agents = jax.tree.map(select, agents, state.agents)
+    agents = agents.replace(failed=~keep)
+    metrics["health/failed"] = (~keep).astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, agents=agents, key=state.key)
     return new_state, metrics
+
+
+def _reset_games(key, payoffs, opponent, reward, num_games):
+    """Fresh first states of one agent's B games."""
+    params = env_lib.EnvParams(payoffs=payoffs, opponent=opponent,
+                               reward=reward)
+    keys = jax.random.split(key, num_games)
+    return jax.vmap(env_lib.reset, in_axes=(0, None))(keys, params)

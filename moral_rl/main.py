@@ -25,6 +25,17 @@ _RESUME = flags.DEFINE_bool(
 _RESUME_FROM = flags.DEFINE_string(
     "resume_from", None,
     "Start from another run's checkpoint when --workdir has none.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize first, for runs across several hosts "
+    "(see launch/multihost.sh).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 in a multi-host run; unset on Cloud TPU.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in a multi-host run.")
 
 
 def main(argv):
@@ -33,6 +44,13 @@ def main(argv):
     # Our progress notes at INFO; orbax and jax only when something is wrong.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("moral_rl").setLevel(logging.INFO)
+    if _MULTIHOST.value:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
         "results", train.default_run_name(config))

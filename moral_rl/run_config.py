@@ -12,6 +12,7 @@ import ml_collections
 
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
+from moral_rl import sweep as sweep_lib
 from moral_rl.games import opponents as opponents_lib
 from moral_rl.games import payoffs as payoffs_lib
 from moral_rl.games import rewards as rewards_lib
@@ -23,17 +24,30 @@ class RunSettings:
     """Validated settings derived from the config.
 
     Attributes:
-      reward_phases: ((first update, reward name), ...), sorted, starting
-        at update 0.
+      agents: the AgentSpec of every adapter, in adapter order.
+      agent_phases: per agent, ((first update, reward name), ...), sorted,
+        starting at update 0.
+      matching: the population's matching, or None for scripted opponents.
       action_strings: (C's string, D's string).
       ppo: the PPO dataclass.
       lora: the LoRA spec.
     """
 
-    reward_phases: tuple[tuple[int, str], ...]
+    agents: tuple[sweep_lib.AgentSpec, ...]
+    agent_phases: tuple[tuple[tuple[int, str], ...], ...]
+    matching: str | None
     action_strings: tuple[str, str]
     ppo: ppo.PPOConfig
     lora: object
+
+    @property
+    def reward_phases(self) -> tuple[tuple[int, str], ...]:
+        """The reward phases of the first agent."""
+        return self.agent_phases[0]
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.agents)
 
 
 def _field_error(field, value, fix):
@@ -85,14 +99,26 @@ def validate(config: ml_collections.ConfigDict) -> RunSettings:
     if config.game not in payoffs_lib.GAMES:
         raise _field_error("game", config.game,
                            "use one of " + ", ".join(payoffs_lib.GAMES))
-    if config.opponent not in opponents_lib.OPPONENT_KINDS:
-        raise _field_error(
-            "opponent", config.opponent,
-            "use one of " + ", ".join(opponents_lib.OPPONENT_KINDS))
+    _check_opponent("opponent", config.opponent)
     _check_reward("reward", config.reward)
     phases = parse_reward_schedule(config.reward_schedule, config.reward)
     for _, name in phases:
         _check_reward("reward_schedule", name)
+
+    agents = sweep_lib.agent_specs(config)
+    agent_phases = []
+    for agent in agents:
+        agent_phases.append(parse_reward_schedule(agent.reward_schedule, ""))
+        for _, name in agent_phases[-1]:
+            _check_reward("sweep.rewards or population.rewards", name)
+        if agent.opponent != "learner":
+            _check_opponent("sweep.opponents", agent.opponent)
+    matching = None
+    if sweep_lib.population_size(agents):
+        matching = config.population.matching
+        if matching not in sweep_lib.MATCHINGS:
+            raise _field_error("population.matching", matching,
+                               "use one of " + ", ".join(sweep_lib.MATCHINGS))
     if config.prompt_template not in prompts_lib.TEMPLATES:
         raise _field_error(
             "prompt_template", config.prompt_template,
@@ -111,8 +137,8 @@ def validate(config: ml_collections.ConfigDict) -> RunSettings:
                            str(err)) from err
 
     positive_ints = ("num_updates", "num_games", "rollout_length",
-                     "num_adapters", "log_every", "checkpoint_every",
-                     "figure_every", "keep_checkpoints")
+                     "log_every", "checkpoint_every", "figure_every",
+                     "keep_checkpoints")
     for field in positive_ints:
         value = config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -156,10 +182,34 @@ def validate(config: ml_collections.ConfigDict) -> RunSettings:
     if config.model.dtype not in ("float32", "bfloat16"):
         raise _field_error("model.dtype", config.model.dtype,
                            "use 'float32' or 'bfloat16'")
-    if config.mesh.adapter < 1 or config.num_adapters % config.mesh.adapter:
-        raise _field_error(
-            "mesh.adapter", config.mesh.adapter,
-            f"it must be >= 1 and divide num_adapters={config.num_adapters}")
+    if (not isinstance(config.adapter_batch, int)
+            or config.adapter_batch < 0):
+        raise _field_error("adapter_batch", config.adapter_batch,
+                           "use 0 (all adapters at once) or a positive "
+                           "number of adapters")
+    _check_mesh(config.mesh, len(agents), config.num_games)
 
-    return RunSettings(reward_phases=phases, action_strings=strings,
+    return RunSettings(agents=agents, agent_phases=tuple(agent_phases),
+                       matching=matching, action_strings=strings,
                        ppo=ppo_config, lora=spec)
+
+
+def _check_opponent(field, name):
+    if name not in opponents_lib.OPPONENT_KINDS:
+        raise _field_error(
+            field, name,
+            "use one of " + ", ".join(opponents_lib.OPPONENT_KINDS))
+
+
+def _check_mesh(mesh, num_adapters, num_games):
+    """Check the mesh axes against the agents, games and devices."""
+    checks = (("adapter", num_adapters, "the number of agents"),
+              ("data", num_games, "num_games"),
+              ("model", None, None))
+    for axis, size, what in checks:
+        value = mesh[axis]
+        if not isinstance(value, int) or value < 1:
+            raise _field_error(f"mesh.{axis}", value, "use an integer >= 1")
+        if size is not None and size % value:
+            raise _field_error(f"mesh.{axis}", value,
+                               f"it must divide {what} ({size})")

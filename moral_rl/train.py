@@ -8,7 +8,6 @@
 import dataclasses
 import json
 import logging
-
 import os
 import time
 
@@ -16,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moral_rl import checkpoint as checkpoint_lib
-from moral_rl import learner
-from moral_rl import plots
+from moral_rl import learner, ppo, run_config
+from moral_rl import outputs as outputs_lib
 from moral_rl import policy as policy_lib
-from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
-from moral_rl import run_config
+from moral_rl import sweep as sweep_lib
 from moral_rl import writer as writer_lib
 from moral_rl.games import env as env_lib
 from moral_rl.games import opponents as opponents_lib
@@ -36,17 +35,26 @@ from moral_rl.models import lora as lora_lib
 from moral_rl.models import tokenizer as tokenizer_lib
 from moral_rl.models.transformer import Transformer
 
-FINAL_METRICS_FILE = "final_metrics.json"
-
 log = logging.getLogger(__name__)
 
 
 def default_run_name(config) -> str:
-    """Name a run <game>__<reward or schedule>__<opponent>__seed<seed>."""
+    """Name a run <game>__<reward or schedule>__<opponent>__seed<seed>.
+
+    A population is <game>__population__seed<seeds>, another sweep
+    <game>__sweep.
+    """
+    if config.run_name:
+        return config.run_name
+    if config.population.rewards.strip():
+        seeds = config.sweep.seeds.replace(",", "-") or str(config.seed)
+        return f"{config.game}__population__seed{seeds}"
+    if any(config.sweep[field].strip()
+           for field in ("seeds", "rewards", "opponents")):
+        return f"{config.game}__sweep"
     reward = config.reward_schedule or config.reward
     reward = reward.replace(":", "").replace(",", "-")
-    return (config.run_name or f"{config.game}__{reward}__"
-            f"{config.opponent}__seed{config.seed}")
+    return (f"{config.game}__{reward}__{config.opponent}__seed{config.seed}")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -81,14 +89,38 @@ def _reward_params(config, name):
                                    r_illegal=config.r_illegal)
 
 
+def _phase_arrays(config, settings):
+    """Per-agent reward phases as [A, F] starts and [A, F] RewardParams.
+
+    Agents with fewer phases repeat their last phase, starting after the
+    run's last update, so every agent has F phases.
+    """
+    num_phases = max(len(phases) for phases in settings.agent_phases)
+    never = np.iinfo(np.int32).max
+    starts, rewards = [], []
+    for phases in settings.agent_phases:
+        padded = list(phases) + [(never, phases[-1][1])] * (
+            num_phases - len(phases))
+        starts.append([start for start, _ in padded])
+        rewards.append(_stack([_reward_params(config, name)
+                               for _, name in padded]))
+    return jnp.asarray(starts, jnp.int32), _stack(rewards)
+
+
+def _agent_opponent(agent):
+    # A population member's opponent is its partner; the scripted kind is
+    # only read when its games are reset, where Random draws the uniform
+    # first moves of Tennant et al.
+    kind = "random" if agent.opponent == "learner" else agent.opponent
+    return opponents_lib.make_opponent(kind)
+
+
 def build_inputs(config, settings, base_params, prompt_set, answers,
                  ref_log_probs) -> learner.StepInputs:
     """Collect the arrays every update reads."""
-    num_adapters = config.num_adapters
+    num_adapters = settings.num_adapters
     game = payoffs_lib.get_game(config.game)
-    opponent = opponents_lib.make_opponent(config.opponent)
-    phase_rewards = _stack([_reward_params(config, name)
-                            for _, name in settings.reward_phases])
+    phase_starts, phase_rewards = _phase_arrays(config, settings)
     return learner.StepInputs(
         base_params=base_params,
         prompts=prompt_set.arrays(),
@@ -96,76 +128,159 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
                  jnp.asarray(answers.action)),
         ref_log_probs=ref_log_probs,
         payoffs=jnp.broadcast_to(game.payoffs, (num_adapters, 2, 2, 2)),
-        opponent=_stack([opponent] * num_adapters),
-        phase_starts=jnp.asarray([s for s, _ in settings.reward_phases],
-                                 jnp.int32),
-        phase_rewards=_stack([phase_rewards] * num_adapters),
+        opponent=_stack([_agent_opponent(agent)
+                         for agent in settings.agents]),
+        phase_starts=phase_starts,
+        phase_rewards=phase_rewards,
         logged_rewards=_stack([_reward_params(config, name)
                                for name in learner.LOGGED_REWARDS]),
     )
 
 
-def init_train_state(config, settings, model_config, inputs,
-                     optimizer) -> learner.TrainState:
-    """Fresh adapters, optimizer state and games for every agent."""
-    # NOTE: all adapters draw from one seed's keys, so adapter i of a
-    # multi-adapter run does not reproduce a single run with seed i.
-    root = jax.random.key(config.seed)
+def _init_agent(seed, config, settings, model_config, optimizer, payoffs,
+                opponent, first_reward):
+    """One agent's fresh state and key, from its seed alone."""
+    root = jax.random.key(seed)
     init_key, games_key, train_key = jax.random.split(root, 3)
-    lora = lora_lib.init_lora(init_key, model_config, settings.lora,
-                              config.num_adapters)
+    lora = lora_lib.init_lora(init_key, model_config, settings.lora, 1)
     adapter = {"lora": lora,
                "value_head": policy_lib.init_value_head(
-                   model_config.hidden_size, config.num_adapters)}
-    opt_state = jax.vmap(optimizer.init)(adapter)
+                   model_config.hidden_size, 1)}
+    adapter = jax.tree.map(lambda x: x[0], adapter)
 
-    def reset_games(key, payoffs, opponent, reward):
-        params = env_lib.EnvParams(payoffs=payoffs, opponent=opponent,
-                                   reward=reward)
-        keys = jax.random.split(key, config.num_games)
-        return jax.vmap(env_lib.reset, in_axes=(0, None))(keys, params)
-
-    first_reward = jax.tree.map(lambda x: x[:, 0], inputs.phase_rewards)
-    games = jax.vmap(reset_games)(
-        jax.random.split(games_key, config.num_adapters), inputs.payoffs,
-        inputs.opponent, first_reward)
-    agents = learner.AgentState(
+    # Split into one key, as runs before per-agent seeds did, so their
+    # reference results still reproduce.
+    games_key = jax.random.split(games_key, 1)[0]
+    params = env_lib.EnvParams(payoffs=payoffs, opponent=opponent,
+                               reward=first_reward)
+    games = jax.vmap(env_lib.reset, in_axes=(0, None))(
+        jax.random.split(games_key, config.num_games), params)
+    agent = learner.AgentState(
         adapter=adapter,
-        opt_state=opt_state,
-        kl=jax.vmap(lambda _: ppo.init_kl_controller(config.ppo.kl_initial))(
-            jnp.arange(config.num_adapters)),
-        reward_moments=jax.vmap(lambda _: ppo.init_running_moments())(
-            jnp.arange(config.num_adapters)),
-        games=games)
+        opt_state=optimizer.init(adapter),
+        kl=ppo.init_kl_controller(config.ppo.kl_initial),
+        reward_moments=ppo.init_running_moments(),
+        games=games,
+        failed=jnp.zeros((), bool))
+    return agent, train_key
+
+
+def init_train_state(config, settings, model_config, inputs,
+                     optimizer) -> learner.TrainState:
+    """Fresh adapters, optimizer state and games for every agent.
+
+    Agent i's state and keys depend only on its own seed, so it starts
+    exactly as a one-agent run with that seed does.
+    """
+    agents, keys = [], []
+    for i, spec in enumerate(settings.agents):
+        payoffs, opponent, first_reward = jax.tree.map(
+            lambda x, i=i: x[i],
+            (inputs.payoffs, inputs.opponent, inputs.phase_rewards))
+        first_reward = jax.tree.map(lambda x: x[0], first_reward)
+        agent, key = _init_agent(spec.seed, config, settings, model_config,
+                                 optimizer, payoffs, opponent, first_reward)
+        agents.append(agent)
+        keys.append(key)
+    agents = _stack(agents)
+    if settings.matching is not None:
+        partner = sweep_lib.partners(settings.agents, settings.matching, 0)
+        agents = agents.replace(games=learner.mirror_games(
+            agents.games, jnp.asarray(partner)))
     return learner.TrainState(step=jnp.zeros((), jnp.int32), agents=agents,
-                              key=train_key)
+                              key=jnp.stack(keys))
 
 
-def _shardings(mesh, state, inputs):
-    """Agents split over the mesh's adapter axis; everything else replicated."""
+def make_mesh(mesh_config) -> Mesh:
+    """The ("adapter", "data", "model") device mesh of the config."""
+    shape = (mesh_config.adapter, mesh_config.data, mesh_config.model)
+    needed = int(np.prod(shape))
+    if needed > jax.device_count():
+        raise ValueError(
+            f"config.mesh asks for adapter x data x model = "
+            f"{' x '.join(map(str, shape))} = {needed} devices, but JAX sees "
+            f"{jax.device_count()} ({jax.devices()[0].platform}); lower the "
+            "mesh sizes.")
+    devices = np.asarray(jax.devices()[:needed]).reshape(shape)
+    return Mesh(devices, ("adapter", "data", "model"))
+
+
+def _fsdp_spec(shape, model_size):
+    """Shard the largest axis that `model_size` divides; else replicate."""
+    if model_size == 1:
+        return P()
+    axes = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for axis in axes:
+        if shape[axis] % model_size == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "model"
+            return P(*spec)
+    return P()
+
+
+def shardings(mesh, state, inputs):
+    """Shardings of the train state, inputs and metrics on `mesh`.
+
+    Agents' leaves split over "adapter"; their games also over "data"; the
+    base parameters over "model" (FSDP-style) when that axis is larger than
+    one; everything else is replicated.
+
+    Returns:
+      (state sharding, inputs sharding, metrics sharding).
+    """
     replicated = NamedSharding(mesh, P())
     by_adapter = NamedSharding(mesh, P("adapter"))
-    state_sharding = learner.TrainState(
-        step=replicated,
-        agents=jax.tree.map(lambda _: by_adapter, state.agents),
-        key=replicated)
-    per_adapter = {"payoffs", "opponent", "phase_rewards"}
-    inputs_sharding = learner.StepInputs(**{
-        field: jax.tree.map(
-            lambda _: by_adapter if field in per_adapter else replicated,
-            getattr(inputs, field))
-        for field in learner.StepInputs.__dataclass_fields__})
-    return state_sharding, inputs_sharding, by_adapter
+    by_game = NamedSharding(mesh, P("adapter", "data"))
+    model_size = mesh.shape["model"]
+
+    agents = jax.tree.map(lambda _: by_adapter, state.agents)
+    agents = agents.replace(
+        games=jax.tree.map(lambda _: by_game, state.agents.games))
+    state_sharding = learner.TrainState(step=replicated, agents=agents,
+                                        key=by_adapter)
+
+    per_adapter = {"payoffs", "opponent", "phase_starts", "phase_rewards"}
+    fields = {}
+    for field in learner.StepInputs.__dataclass_fields__:
+        value = getattr(inputs, field)
+        if field == "base_params":
+            fields[field] = jax.tree.map(
+                lambda x: NamedSharding(mesh, _fsdp_spec(x.shape,
+                                                         model_size)),
+                value)
+        elif field in per_adapter:
+            fields[field] = jax.tree.map(lambda _: by_adapter, value)
+        else:
+            fields[field] = jax.tree.map(lambda _: replicated, value)
+    return state_sharding, learner.StepInputs(**fields), by_adapter
 
 
-def _check_finite(metrics, step):
-    for name in ("ppo/policy_loss", "ppo/value_loss", "ppo/grad_norm"):
-        values = np.asarray(metrics[name])
-        if not np.all(np.isfinite(values)):
-            raise FloatingPointError(
-                f"{name} is not finite ({values.tolist()}) at update {step}. "
-                "Lower optimizer.learning_rate or check the reward scale; the "
-                "last checkpoint before this update is still usable.")
+def jit_update(step_settings, mesh, state, inputs, population: bool):
+    """Jit the update with the mesh's shardings.
+
+    Returns:
+      (update, state, inputs): the jitted function, which takes
+      (state, inputs) against scripted opponents and (state, inputs,
+      partner) in a population, and the state and inputs placed on the
+      mesh.
+    """
+    state_sharding, inputs_sharding, metrics_sharding = shardings(
+        mesh, state, inputs)
+    out_shardings = (state_sharding, metrics_sharding)
+    if population:
+        update = jax.jit(
+            lambda s, i, p: learner.update_step(s, i, p,
+                                                settings=step_settings),
+            in_shardings=(state_sharding, inputs_sharding,
+                          NamedSharding(mesh, P())),
+            out_shardings=out_shardings, donate_argnums=0)
+    else:
+        update = jax.jit(
+            lambda s, i: learner.update_step(s, i, settings=step_settings),
+            in_shardings=(state_sharding, inputs_sharding),
+            out_shardings=out_shardings, donate_argnums=0)
+    return (update, jax.device_put(state, state_sharding),
+            jax.device_put(inputs, inputs_sharding))
 
 
 def _log_reference(writer, prompt_set, ref_log_probs):
@@ -262,7 +377,8 @@ def build_run(config, settings: run_config.RunSettings | None = None
         model=Transformer(model_config, settings.lora,
                           remat=config.model.remat),
         optimizer=optimizer, ppo=settings.ppo, num_games=config.num_games,
-        rollout_length=config.rollout_length)
+        rollout_length=config.rollout_length, matching=settings.matching,
+        adapter_batch=config.adapter_batch)
     return RunSetup(model_config=model_config, tokenizer=tokenizer,
                     prompt_set=prompt_set, answers=answers, inputs=inputs,
                     state=state, step_settings=step_settings)
@@ -270,20 +386,22 @@ def build_run(config, settings: run_config.RunSettings | None = None
 
 def train_and_evaluate(config, workdir: str, *, resume: bool = False,
                        resume_from: str | None = None) -> dict:
-    """Train LLM agents with PPO on a moral reward; see the module doc.
+    """Train LLM agents with PPO on moral rewards; see the module doc.
 
     Args:
       config: a ConfigDict from configs/.
-      workdir: the run folder for TensorBoard logs, metrics and checkpoints.
+      workdir: the run folder for TensorBoard logs, metrics and checkpoints
+        (one folder per agent under it when the run has several agents).
       resume: require an existing checkpoint in `workdir` to continue from.
       resume_from: another run's folder to start from when `workdir` has no
         checkpoint.
 
     Returns:
-      The last update's metrics of every adapter, {name: [A] list}.
+      The last update's metrics of every agent, {name: [A] list}.
     """
     log.info("Checking the config.")
     settings = run_config.validate(config)
+    mesh = make_mesh(config.mesh)
     ckpt_dir = checkpoint_lib.resolve_restore(workdir, resume_from)
     if resume and ckpt_dir != checkpoint_lib.checkpoint_dir(workdir):
         raise FileNotFoundError(
@@ -293,110 +411,167 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     run = build_run(config, settings)
     prompt_set, inputs, state = run.prompt_set, run.inputs, run.state
     answers, step_settings = run.answers, run.step_settings
+    agents = settings.agents
 
     checkpointer = checkpoint_lib.Checkpointer(
         checkpoint_lib.checkpoint_dir(workdir),
         max_to_keep=config.keep_checkpoints)
-    writer = writer_lib.MetricWriter(workdir,
-                                     is_primary=jax.process_index() == 0)
     if ckpt_dir is not None:
         source_checkpoints = checkpoint_lib.Checkpointer(ckpt_dir)
         state = source_checkpoints.restore(target=state)
-        log.info("Resumed from %s at update %d.", ckpt_dir,
-                     int(state.step))
-        writer.truncate_after(int(state.step))
-    else:
-        writer.write_hparams(config.to_dict())
-        _log_reference(writer, prompt_set, inputs.ref_log_probs)
-    # Rewritten on resume too, so it holds the config the run finished with
-    # (a resumed run may extend num_updates, say).
-    writer_lib.write_config(workdir, config.to_dict())
-
-    log.info("Compiling the update on %d device(s).", config.mesh.adapter)
-    devices = np.asarray(jax.devices()[:config.mesh.adapter])
-    mesh = Mesh(devices, ("adapter",))
-    state_sharding, inputs_sharding, metrics_sharding = _shardings(
-        mesh, state, inputs)
-    update = jax.jit(
-        lambda s, i: learner.update_step(s, i, settings=step_settings),
-        in_shardings=(state_sharding, inputs_sharding),
-        out_shardings=(state_sharding, metrics_sharding),
-        donate_argnums=0)
-    state = jax.device_put(state, state_sharding)
-    inputs = jax.device_put(inputs, inputs_sharding)
-
-    history_path = os.path.join(workdir, "history.json")
-    history = _load_history(history_path, int(state.step))
-    tokens_per_update = _tokens_per_update(prompt_set, answers, settings)
-    switch_steps = [s for s, _ in settings.reward_phases[1:]]
+        log.info("Resumed from %s at update %d.", ckpt_dir, int(state.step))
     first_step = int(state.step)
-    started = time.time()
-    last = {}
+
+    is_primary = jax.process_index() == 0
+    folders = outputs_lib.agent_folders(workdir, agents)
+    config_dict = config.to_dict()
+    results = []
+    for agent, folder, phases in zip(agents, folders, settings.agent_phases):
+        reward = agent.reward_schedule
+        opponent = agent.opponent
+        results.append(outputs_lib.AgentOutputs(
+            folder, resume_step=first_step, is_primary=is_primary,
+            title=f"{reward} vs {opponent}",
+            switch_steps=[start for start, _ in phases[1:]]))
+        agent_dict = (config_dict if len(agents) == 1
+                      else outputs_lib.agent_config(config_dict, agent))
+        if first_step == 0:
+            results[-1].writer.write_hparams(agent_dict)
+            _log_reference(results[-1].writer, prompt_set,
+                           inputs.ref_log_probs)
+        # Rewritten on resume too, so it holds the config the run finished
+        # with (a resumed run may extend num_updates, say).
+        writer_lib.write_config(folder, agent_dict)
+    if len(agents) > 1 and is_primary:
+        outputs_lib.write_json(
+            os.path.join(workdir, outputs_lib.SWEEP_FILE),
+            {"agents": [agent.name for agent in agents],
+             "specs": [dataclasses.asdict(agent) for agent in agents],
+             "matching": settings.matching})
+        writer_lib.write_config(workdir, config_dict)
+
+    log.info("Compiling the update of %d agent(s) on a %s mesh.",
+             len(agents), dict(mesh.shape))
+    population = settings.matching is not None
+    update, state, inputs = jit_update(step_settings, mesh, state, inputs,
+                                       population)
 
     if first_step >= config.num_updates:
         log.info("The run in %s already finished %d updates.", workdir,
-                     first_step)
+                 first_step)
         checkpointer.close()
-        writer.close()
-        with open(os.path.join(workdir, FINAL_METRICS_FILE)) as f:
-            return json.load(f)["metrics"]
+        for result in results:
+            result.writer.close()
+        return _load_final_metrics(folders)
 
-    title = f"{config.reward_schedule or config.reward} vs {config.opponent}"
+    tokens_per_update = _tokens_per_update(prompt_set, answers, settings)
+    started = time.time()
+    failed = np.asarray(_fetch(state.agents.failed))
+    last = {}
     log.info("Training for %d updates.", config.num_updates)
     for step in range(first_step, config.num_updates):
         tick = time.time()
-        state, metrics = update(state, inputs)
-        metrics = jax.device_get(metrics)
-        _check_finite(metrics, step)
+        if population:
+            partner = sweep_lib.partners(agents, settings.matching, step)
+            state, metrics = update(state, inputs, partner)
+        else:
+            partner = None
+            state, metrics = update(state, inputs)
+        metrics = _fetch(metrics)
         seconds = time.time() - tick
-        record = {name: float(np.mean(value))
-                  for name, value in metrics.items()}
-        record["perf/updates_per_sec"] = 1.0 / seconds
-        record["perf/tokens_per_sec"] = tokens_per_update / seconds
+        failed = _report_failures(metrics, failed, agents, step)
         done = step + 1
-        history.append({"step": done, **record})
         last = {name: np.asarray(value).tolist()
                 for name, value in metrics.items()}
 
-        if done % config.log_every == 0 or done == config.num_updates:
-            writer.write_scalars(done, record)
-            print(_progress_line(done, config.num_updates, record, started,
+        perf = {"perf/updates_per_sec": 1.0 / seconds,
+                "perf/tokens_per_sec": tokens_per_update / seconds}
+        log_now = done % config.log_every == 0 or done == config.num_updates
+        figure_now = (done % config.figure_every == 0
+                      or done == config.num_updates)
+        for i, result in enumerate(results):
+            record = {name: float(value[i])
+                      for name, value in metrics.items()}
+            record.update(perf)
+            if partner is not None:
+                record["population/partner"] = int(partner[i])
+            result.append(done, record)
+            if log_now:
+                result.write_scalars(done, record)
+            if figure_now:
+                result.write_figure(done)
+        if log_now:
+            mean = {name: float(np.mean(value))
+                    for name, value in metrics.items()}
+            print(_progress_line(done, config.num_updates, mean, started,
                                  first_step), flush=True)
-        if done % config.figure_every == 0 or done == config.num_updates:
-            png = plots.action_types_png(
-                [h["step"] for h in history], history, title=title,
-                switch_steps=switch_steps)
-            writer.write_images(done, {"actions/types": png})
         if done % config.checkpoint_every == 0 or done == config.num_updates:
             # Files first, checkpoint last: a run killed between the two
             # resumes from the older checkpoint and rewrites these.
-            _write_json(history_path, history)
-            writer.flush()
+            for result in results:
+                result.save_history()
             checkpointer.save(done, state, force=True)
 
     checkpointer.wait_until_finished()
     checkpointer.close()
-    _write_json(os.path.join(workdir, FINAL_METRICS_FILE),
-                {"step": int(state.step), "metrics": last})
-    # The loop rendered the figure of the whole run at its last update.
-    with open(os.path.join(workdir, "action_types.png"), "wb") as f:
-        f.write(png)
-    writer.close()
+    adapters = _fetch(state.agents.adapter)
+    for i, result in enumerate(results):
+        agent_last = {name: [values[i]] for name, values in last.items()}
+        result.finish(int(state.step), agent_last,
+                      jax.tree.map(lambda x, i=i: x[i], adapters))
+    if population and is_primary:
+        _write_population(workdir, agents, [r.history for r in results])
     log.info("Results are in %s (TensorBoard: tensorboard --logdir %s).",
              workdir, workdir)
     return last
 
 
-def _write_json(path, value):
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(partial, path)
+def _fetch(tree):
+    """Copy arrays sharded over the mesh to host NumPy arrays.
+
+    With several processes each holds only its own shards, so the arrays
+    are gathered from all of them first.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    # NOTE: this path has not run on a real multi-host cluster here; it
+    # follows the JAX multi-process guide.
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _load_history(path, step):
-    """Per-update records up to `step` (those of a resumed run)."""
-    if step == 0 or not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [h for h in json.load(f) if h["step"] <= step]
+def _report_failures(metrics, failed, agents, step):
+    """Log agents that diverged in this update; raise when all have."""
+    now = np.asarray(metrics["health/failed"]) > 0
+    for i in np.flatnonzero(now & ~failed):
+        log.warning(
+            "Agent %s diverged at update %d (a non-finite loss, gradient or "
+            "parameter); it keeps its last finite adapter and is masked from "
+            "now on. Lower optimizer.learning_rate or check the reward "
+            "scale.", agents[i].name, step + 1)
+    if now.all():
+        raise FloatingPointError(
+            f"Every agent diverged by update {step + 1} (non-finite loss, "
+            "gradient or parameters). Lower optimizer.learning_rate or check "
+            "the reward scale; the last checkpoint before this update is "
+            "still usable.")
+    return now
+
+
+def _write_population(workdir, agents, histories):
+    table = outputs_lib.population_table(agents, histories)
+    outputs_lib.write_json(
+        os.path.join(workdir, outputs_lib.POPULATION_FILE), table)
+    with open(os.path.join(workdir, "population.md"), "w") as f:
+        f.write(outputs_lib.population_markdown(table))
+
+
+def _load_final_metrics(folders):
+    """Metrics of a finished run, {name: [A] list}, from its agents."""
+    merged = {}
+    for folder in folders:
+        path = os.path.join(folder, outputs_lib.FINAL_METRICS_FILE)
+        with open(path) as f:
+            metrics = json.load(f)["metrics"]
+        for name, values in metrics.items():
+            merged.setdefault(name, []).extend(values)
+    return merged

@@ -44,7 +44,7 @@ def tiny_setup(tiny_llama_factory, embedded_model):
     checkpoint = tiny_llama_factory(head_scale=0.5, seed=5)
     config = ipd.get_config("utilitarian,smoke")
     config.model.name = checkpoint.folder
-    config.num_adapters = 2
+    config.sweep.seeds = "0,1"
     config.reward_schedule = "game:1,utilitarian"
     config.lora.rank = 2
     # The tiny model answers illegally in almost every game, and normalised
