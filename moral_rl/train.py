@@ -108,9 +108,9 @@ def _phase_arrays(config, settings):
 
 
 def _agent_opponent(agent):
-    # A population member's opponent is its partner; the scripted kind is
-    # only read when its games are reset, where Random draws the uniform
-    # first moves of Tennant et al.
+    # A population member's opponent is its partner. The scripted kind is
+    # read only when the member's games are reset, and Random gives the
+    # uniform first moves of Tennant et al.
     kind = "random" if agent.opponent == "learner" else agent.opponent
     return opponents_lib.make_opponent(kind)
 
@@ -139,7 +139,7 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
 
 def _init_agent(seed, config, settings, model_config, optimizer, payoffs,
                 opponent, first_reward):
-    """One agent's fresh state and key, from its seed alone."""
+    """Build one agent's fresh state and key from its seed alone."""
     root = jax.random.key(seed)
     init_key, games_key, train_key = jax.random.split(root, 3)
     lora = lora_lib.init_lora(init_key, model_config, settings.lora, 1)
@@ -192,7 +192,7 @@ def init_train_state(config, settings, model_config, inputs,
 
 
 def make_mesh(mesh_config) -> Mesh:
-    """The ("adapter", "data", "model") device mesh of the config."""
+    """Build the ("adapter", "data", "model") device mesh of the config."""
     shape = (mesh_config.adapter, mesh_config.data, mesh_config.model)
     needed = int(np.prod(shape))
     if needed > jax.device_count():
