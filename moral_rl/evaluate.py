@@ -78,6 +78,13 @@ FOLLOWUP_STATES = (prompts_lib.PromptState(COOPERATE, COOPERATE, False, False),
 log = logging.getLogger(__name__)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _policy_outputs(model, params, adapter, prompts, answers):
+    # Jitted once at module level, so models that share a base model and
+    # prompt shapes share the compiled program.
+    return policy_lib.policy_outputs(model, params, adapter, prompts, answers)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """What to test every model on.
@@ -340,8 +347,7 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
     answers = policy_lib.answer_sequences(tokenizer, settings.action_strings)
     answer_arrays = (jnp.asarray(answers.tokens), jnp.asarray(answers.valid),
                      jnp.asarray(answers.action))
-    outputs = jax.jit(functools.partial(policy_lib.policy_outputs,
-                                        transformer))
+    outputs = functools.partial(_policy_outputs, transformer)
     reward_params = rewards_lib.make_reward(
         "deontological", xi=model.xi, r_illegal=model.r_illegal)
     root = jax.random.key(settings.seed)
@@ -524,7 +530,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     """Run the evaluation from command-line arguments."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.getLogger().setLevel(logging.WARNING)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("moral_rl").setLevel(logging.INFO)
     if args.game_file:
         register_games_file(args.game_file)
