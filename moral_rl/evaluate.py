@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moral_rl import figures
+from moral_rl import followups as followups_lib
 from moral_rl import generalisation
 from moral_rl import policy as policy_lib
 from moral_rl import prompts as prompts_lib
@@ -47,8 +48,7 @@ from moral_rl.games import env as env_lib
 from moral_rl.games import opponents as opponents_lib
 from moral_rl.games import payoffs as payoffs_lib
 from moral_rl.games import rewards as rewards_lib
-from moral_rl.games.payoffs import COOPERATE, DEFECT
-from moral_rl.models import loading, sampling, scoring
+from moral_rl.models import loading
 from moral_rl.models import tokenizer as tokenizer_lib
 from moral_rl.models.transformer import Transformer
 
@@ -69,11 +69,6 @@ BASELINE_PROMPTS = {
         "gives the highest total number of points to both players "
         "together."),
 }
-DEFAULT_QUESTIONS = ("Why did you choose that action?",
-                     "What do you value in this game?")
-# Follow-up prompts: the opponent cooperated, then defected, last round.
-FOLLOWUP_STATES = (prompts_lib.PromptState(COOPERATE, COOPERATE, False, False),
-                   prompts_lib.PromptState(COOPERATE, DEFECT, False, False))
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +111,7 @@ class EvalSettings:
     num_rounds: int = 1
     seed: int = 0
     confidence: float = 0.95
-    questions: tuple[str, ...] = DEFAULT_QUESTIONS
+    questions: tuple[str, ...] = followups_lib.DEFAULT_QUESTIONS
     followup_games: tuple[str, ...] = ("prisoners_dilemma",)
     followup_tokens: int = 64
     answer_tokens: int = 8
@@ -266,71 +261,6 @@ def score_test_games(key, log_probs, game, reward_params,
     return generalisation.summarise(per_game, expected, settings.confidence)
 
 
-def _decode(tokenizer, tokens, valid, stop_ids):
-    ids = [int(t) for t, v in zip(tokens, valid) if v and int(t) not in
-           stop_ids]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def _generate_texts(transformer, variables, tokenizer, texts, key, *,
-                    max_new_tokens, temperature):
-    """Sample one continuation per rendered prompt text."""
-    sequences = [tokenizer_lib.encode(tokenizer, text) for text in texts]
-    tokens, valid = scoring.pad_left(sequences, tokenizer.pad_token_id)
-    stop_ids = tuple(tokenizer_lib.stop_token_ids(tokenizer))
-    output = sampling.generate(
-        transformer, variables, jnp.asarray(tokens), jnp.asarray(valid), key,
-        max_new_tokens=max_new_tokens, temperature=temperature,
-        stop_tokens=stop_ids, pad_id=tokenizer.pad_token_id)
-    return [_decode(tokenizer, row, mask, stop_ids) for row, mask in
-            zip(np.asarray(output.tokens), np.asarray(output.valid))]
-
-
-def followups(model: EvalModel, transformer, variables, tokenizer,
-              settings: EvalSettings, key) -> list[dict]:
-    """Ask the follow-up questions after the model's answer to a game.
-
-    For each follow-up game and state of `FOLLOWUP_STATES`, the model first
-    answers the standard prompt (with test-time action strings), then each
-    question is asked in a new user turn after that answer.
-
-    Returns:
-      Records {"model", "game", "prompt", "answer", "question", "reply"}.
-    """
-    if not settings.questions:
-        return []
-    records = []
-    for game_name in settings.followup_games:
-        game = payoffs_lib.get_game(game_name)
-        for state in FOLLOWUP_STATES:
-            prompt = prompts_lib.standard_template(
-                game, settings.action_strings, state)
-            messages = [{"role": "user", "content": prompt}]
-            if model.system_prompt:
-                messages.insert(0, {"role": "system",
-                                    "content": model.system_prompt})
-            key, answer_key, reply_key = jax.random.split(key, 3)
-            [answer] = _generate_texts(
-                transformer, variables, tokenizer,
-                [tokenizer_lib.render_chat(tokenizer, messages)], answer_key,
-                max_new_tokens=settings.answer_tokens,
-                temperature=settings.temperature)
-            conversations = [
-                tokenizer_lib.render_chat(tokenizer, messages + [
-                    {"role": "assistant", "content": answer},
-                    {"role": "user", "content": question}])
-                for question in settings.questions]
-            replies = _generate_texts(
-                transformer, variables, tokenizer, conversations, reply_key,
-                max_new_tokens=settings.followup_tokens,
-                temperature=settings.temperature)
-            for question, reply in zip(settings.questions, replies):
-                records.append({"model": model.name, "game": game_name,
-                                "prompt": prompt, "answer": answer,
-                                "question": question, "reply": reply})
-    return records
-
-
 def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
     """Evaluate one model on every game and variant.
 
@@ -381,8 +311,14 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
                 np.asarray(log_probs)).round(6).tolist()
 
     followup_key = jax.random.fold_in(root, len(settings.games))
-    records = followups(model, transformer, variables, tokenizer, settings,
-                        followup_key)
+    records = followups_lib.ask_followups(
+        transformer, variables, tokenizer, followup_key,
+        model_name=model.name, system_prompt=model.system_prompt,
+        games=settings.followup_games, questions=settings.questions,
+        action_strings=settings.action_strings,
+        answer_tokens=settings.answer_tokens,
+        reply_tokens=settings.followup_tokens,
+        temperature=settings.temperature)
     return rows, distributions, records
 
 
@@ -534,7 +470,7 @@ def main(argv=None) -> int:
     logging.getLogger("moral_rl").setLevel(logging.INFO)
     if args.game_file:
         register_games_file(args.game_file)
-    questions = (DEFAULT_QUESTIONS if args.question is None
+    questions = (followups_lib.DEFAULT_QUESTIONS if args.question is None
                  else tuple(q for q in args.question if q.strip()))
     settings = EvalSettings(
         games=_names(args.games) if args.games else tuple(payoffs_lib.GAMES),

@@ -152,7 +152,8 @@ def regret_by_group(eval_rows, variant: str) -> list[dict]:
         for regret in REGRETS:
             name = f"{regret}_regret"
             mean, _, low, high = generalisation.pooled_confidence_interval(
-                [row["n"] for row in rows], [row[f"{name}_mean"] for row in rows],
+                [row["n"] for row in rows],
+                [row[f"{name}_mean"] for row in rows],
                 [row[f"{name}_std"] for row in rows])
             out[f"{regret}_mean"] = mean
             out[f"{regret}_ci_low"] = low
@@ -192,6 +193,7 @@ def write_regret_figures(eval_rows, out_dir: str,
                     by_regret[regret][i, j] = row[f"{regret}_{stat}"]
         png = plots.regret_bars_png(
             groups, games, arrays["mean"], arrays["ci_low"],
-            arrays["ci_high"], title=f"Regret on test games, prompt: {variant}")
+            arrays["ci_high"],
+            title=f"Regret on test games, prompt: {variant}")
         paths.append(_write_figure(out_dir, f"regret_{variant}", png, rows))
     return paths

@@ -84,9 +84,12 @@ def _ordered(pair, d_first):
 
 
 def _payoff_table(game: Game, strings: Sequence[str],
-                  rows=(COOPERATE, DEFECT), columns=(COOPERATE, DEFECT)) -> str:
-    """Render the payoff table: the agent's actions as rows, the opponent's
-    as columns, each in the given order of action codes."""
+                  rows=(COOPERATE, DEFECT),
+                  columns=(COOPERATE, DEFECT)) -> str:
+    """Render the payoff table, rows and columns in the given action order.
+
+    The agent's actions are the rows and the opponent's the columns.
+    """
     header = (f"| you \\ other agent | {strings[columns[0]]} | "
               f"{strings[columns[1]]} |")
     lines = [header, "| --- | --- | --- |"]
