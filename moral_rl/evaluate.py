@@ -307,8 +307,10 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
                 "num_seeds": settings.num_seeds,
                 "num_games": settings.num_games,
                 "num_rounds": settings.num_rounds, **stats})
+            # Unrounded: legal answers of an untuned model can have
+            # probabilities far below 1e-6.
             distributions.setdefault(game_name, {})[variant] = np.exp(
-                np.asarray(log_probs)).round(6).tolist()
+                np.asarray(log_probs, np.float64)).tolist()
 
     followup_key = jax.random.fold_in(root, len(settings.games))
     records = followups_lib.ask_followups(

@@ -498,7 +498,8 @@ def test_distributions_are_normalised(evaluated):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     adapted = np.asarray(
         distributions["utilitarian__seed0"]["chicken"]["story"])
-    assert not np.allclose(adapted, probs)
+    # Relative: the tiny model's legal answers are far below 1e-8.
+    assert not np.allclose(adapted[:, :2], probs[:, :2], rtol=1e-3, atol=0)
 
 
 @pytest.mark.slow
