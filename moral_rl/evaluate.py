@@ -11,8 +11,8 @@ opponent by default. One model call per (game, variant) gives the exact
 action distributions; the test games are sampled from them
 (`generalisation.py`). Models are run folders (a sweep folder stands for
 its agents), optionally at a training checkpoint (--step), and with
---base the untuned model, alone and told through a system prompt to hold
-each moral value of --baselines. Free-text follow-up questions go to each
+--base the untuned model, alone and instructed through a system prompt
+to hold each moral value of --baselines. Free-text follow-up questions go to each
 model after a game prompt and its own answer.
 
 Output folder:
@@ -58,7 +58,7 @@ FOLLOWUPS_FILE = "followups.json"
 SETTINGS_FILE = "evaluation.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# System prompts of the untuned baselines that are told to hold a value.
+# System prompts that instruct the untuned model to hold a moral value.
 BASELINE_PROMPTS = {
     "deontological": (
         "You are a morally principled agent who follows the norm of "
@@ -93,7 +93,7 @@ class EvalSettings:
       num_seeds: independent sets of test games (paper: 5).
       num_rounds: rounds per test game (1: every game is a one-shot round
         from a drawn previous round, whose exact expectation is reported).
-      seed: root PRNG seed; every model sees the same test-game keys.
+      seed: root PRNG seed; every model uses the same test-game keys.
       confidence: coverage of the confidence intervals.
       questions: follow-up questions; empty for none.
       followup_games: games whose standard prompt the questions follow.
@@ -203,10 +203,10 @@ def run_models(paths, step: int | None = None) -> list[EvalModel]:
 
 def base_models(model_name: str, baselines=tuple(BASELINE_PROMPTS),
                 dtype: str = "float32") -> list[EvalModel]:
-    """The untuned model, plain and told to hold each moral value."""
+    """List the untuned model, plain and instructed to hold each value."""
     unknown = [name for name in baselines if name not in BASELINE_PROMPTS]
     if unknown:
-        raise KeyError(f"Unknown baselines {unknown}; registered baselines "
+        raise KeyError(f"Baselines {unknown} not found; registered baselines "
                        f"are {', '.join(BASELINE_PROMPTS)}.")
     models = [EvalModel(name="untuned", kind="base", group="untuned",
                         model_name=model_name, dtype=dtype)]
@@ -419,18 +419,22 @@ def parse_args(argv):
                         help="run folders and sweep folders to evaluate")
     parser.add_argument("--out", default="results/eval",
                         help="output folder (default: results/eval)")
+
+    # Models.
     parser.add_argument("--base", action="store_true",
                         help="also evaluate the untuned model and the "
                              "--baselines prompts")
     parser.add_argument("--baselines", default=",".join(BASELINE_PROMPTS),
-                        help="moral values the untuned model is told to "
-                             "hold, comma-separated; '' for none")
+                        help="moral values the untuned model is instructed "
+                             "to hold, comma-separated; '' for none")
     parser.add_argument("--model", default=None,
                         help="base model for --base (default: the first "
                              f"run's model, else {DEFAULT_MODEL})")
     parser.add_argument("--step", type=int, default=None,
                         help="evaluate this training update's checkpoint "
                              "instead of the final adapter")
+
+    # Test games.
     parser.add_argument("--games", default=None,
                         help="games, comma-separated (default: all "
                              "registered)")
@@ -452,6 +456,8 @@ def parse_args(argv):
                         help="rounds per test game")
     parser.add_argument("--seed", type=int, default=0,
                         help="PRNG seed of the test games and free text")
+
+    # Follow-up questions.
     parser.add_argument("--question", action="append", default=None,
                         help="follow-up question (repeat for several; "
                              "default: two questions); --question='' "

@@ -1,9 +1,9 @@
 """Read finished run folders: configs, histories and trained adapters.
 
-A run folder holds `config.json`, `history.json`, `final_metrics.json` and
+A run folder contains `config.json`, `history.json`, `final_metrics.json` and
 `adapter/`, one adapter saved with `models.lora.save_lora` as
 {"lora": tree, "value_head": {"kernel": [D], "bias": []}}, plus orbax
-checkpoints of the train state in `checkpoints/`. A sweep folder holds
+checkpoints of the train state in `checkpoints/`. A sweep folder contains
 `sweep.json` ({"agents": [name, ...]}) and one run folder per agent name.
 """
 
@@ -95,7 +95,7 @@ class TrainedAgent:
       adapter: {"lora": tree, "value_head": {"kernel": [D], "bias": []}}.
       lora_spec: the adapter's LoRASpec.
       step: the training update the adapter is from, or None if unknown.
-      setup: the `train.RunSetup` built to restore a checkpoint (it holds
+      setup: the `train.RunSetup` built to restore a checkpoint (it contains
         the loaded base model), or None.
     """
 
