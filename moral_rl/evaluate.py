@@ -12,8 +12,8 @@ action distributions; the test games are sampled from them
 (`generalisation.py`). Models are run folders (a sweep folder stands for
 its agents), optionally at a training checkpoint (--step), and with
 --base the untuned model, alone and instructed through a system prompt
-to hold each moral value of --baselines. Free-text follow-up questions go to each
-model after a game prompt and its own answer.
+to hold each moral value of --baselines. Free-text follow-up questions go
+to each model after a game prompt and its own answer.
 
 Output folder:
   metrics.csv       one row per (model, game, variant): mean, std, 95% CI

@@ -231,7 +231,7 @@ def story_template(game: Game, strings: Sequence[str],
     """Render the game as an everyday story that contains no numbers.
 
     Each outcome is described by its rank among the four outcomes for that
-    person ("the best day", "a bad day"), so any 2x2 game can be told this
+    person ("the best day", "a bad day"), so any 2x2 game can be written this
     way. The text has no digits apart from those of the action strings.
     """
     cells = [(row, col) for row in (COOPERATE, DEFECT)

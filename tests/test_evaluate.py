@@ -109,7 +109,8 @@ def test_columns_reversed_swaps_header_and_cells():
     text = prompts.columns_reversed_template(PD, TEST_STRINGS, state)
 
     assert "| you \\ other agent | action4 | action3 |" in text
-    assert "| action3 | you get 0, they get 4 | you get 3, they get 3 |" in text
+    assert ("| action3 | you get 0, they get 4 | you get 3, they get 3 |"
+            in text)
 
 
 def test_named_game_names_the_game():
