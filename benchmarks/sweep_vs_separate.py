@@ -9,7 +9,7 @@ scaled to all agents, which the output says. The separate runs' final
 metrics are compared with their agents in the sweep.
 
   python benchmarks/sweep_vs_separate.py --seeds 0,1,2,3,4 --updates 2 \
-      --sample 4 --out results/bench_sweep
+      --sample 4 --out results/bench_sweep -- --config.ppo.epochs=1
 """
 
 import argparse
@@ -44,6 +44,9 @@ def main():
     parser.add_argument("--sample", type=int, default=0,
                         help="separate runs to make (0: all)")
     parser.add_argument("--out", default="results/bench_sweep")
+    parser.add_argument("--sweep_dir", default="",
+                        help="folder of the one-program sweep "
+                        "(default: OUT/sweep)")
     parser.add_argument("overrides", nargs="*",
                         help="extra --config.x=y flags for every run")
     args = parser.parse_args()
@@ -52,7 +55,7 @@ def main():
     agents = [(seed, reward) for seed in seeds for reward in REWARDS]
     common = [f"--config.num_updates={args.updates}", *args.overrides]
 
-    sweep_dir = os.path.join(args.out, "sweep")
+    sweep_dir = args.sweep_dir or os.path.join(args.out, "sweep")
     sweep_seconds = _run(["--config=configs/sweep.py:grid",
                           f"--config.sweep.seeds={args.seeds}", *common],
                          sweep_dir)

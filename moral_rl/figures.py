@@ -60,8 +60,8 @@ def action_counts_by_reward(runs) -> list[dict]:
     """Sum each update's action-type counts over the runs of each reward.
 
     A record's fractions times the games it covers (num_games x
-    rollout_length x num_adapters) give counts, so runs with other batch
-    sizes add up correctly.
+    rollout_length, one agent per run folder) give counts, so runs with
+    other batch sizes add up correctly.
 
     Args:
       runs: sequence of (config, history) pairs.
@@ -75,8 +75,7 @@ def action_counts_by_reward(runs) -> list[dict]:
         label = run_folders.reward_label(config)
         if label not in order:
             order.append(label)
-        games = (config.num_games * config.rollout_length
-                 * config.num_adapters)
+        games = config.num_games * config.rollout_length
         for record in history:
             key = (label, int(record["step"]))
             row = totals.setdefault(key, {"reward": label, "step": key[1],

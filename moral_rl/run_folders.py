@@ -124,16 +124,14 @@ def _checkpoint_source(folder):
       the parent sweep's checkpoints/, whose config.json describes the
       joint run, hold the agent at its index in sweep.json.
     """
-    # NOTE: where a sweep keeps its joint checkpoint is assumed here
-    # (the sweep folder, agents in sweep.json order); train.py fixes it.
     own = checkpoint_lib.resolve_restore(folder)
     if own is not None:
-        config = load_config(folder)
-        if config.num_adapters != 1:
+        if os.path.isfile(os.path.join(folder, SWEEP_FILE)):
             raise ValueError(
-                f"{folder!r} checkpoints {config.num_adapters} adapters; "
-                "evaluate the sweep folder, whose sweep.json names them.")
-        return own, config, 0
+                f"{folder!r} is a sweep whose checkpoint holds several "
+                "agents; pass the agent folders under it (or the sweep "
+                "folder without --step).")
+        return own, load_config(folder), 0
     parent = os.path.dirname(os.path.abspath(folder))
     sweep_path = os.path.join(parent, SWEEP_FILE)
     joint = checkpoint_lib.resolve_restore(parent)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import ipd
-from moral_rl import learner, outputs, sweep, train
+from moral_rl import learner, outputs, run_folders, sweep, train
 from moral_rl.models import lora as lora_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,15 +48,22 @@ def _final(folder):
         return json.load(f)["metrics"]
 
 
-@pytest.mark.slow
-def test_sweep_equals_separate_runs(tiny_folder, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_folder, tmp_path_factory):
+    """A finished sweep of 2 seeds x 2 rewards (one with a schedule)."""
     config = _tiny_config(tiny_folder)
     config.sweep.seeds = "1,2"
     config.sweep.rewards = "game:1,utilitarian;deontological"
-    train.train_and_evaluate(config, str(tmp_path / "sweep"))
+    workdir = tmp_path_factory.mktemp("sweep")
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
 
+
+@pytest.mark.slow
+def test_sweep_equals_separate_runs(tiny_sweep, tiny_folder, tmp_path):
+    config, workdir = tiny_sweep
     specs = sweep.agent_specs(config)
-    with open(tmp_path / "sweep" / outputs.SWEEP_FILE) as f:
+    with open(workdir / outputs.SWEEP_FILE) as f:
         assert json.load(f)["agents"] == [s.name for s in specs]
     for spec in specs:
         single = _tiny_config(tiny_folder)
@@ -67,19 +74,37 @@ def test_sweep_equals_separate_runs(tiny_folder, tmp_path):
             single.reward = spec.reward_schedule
         train.train_and_evaluate(single, str(tmp_path / spec.name))
 
-        together = _final(tmp_path / "sweep" / spec.name)
+        together = _final(workdir / spec.name)
         alone = _final(tmp_path / spec.name)
         for name in ("policy/p_cooperate", "ppo/policy_loss",
                      "actions/cooperation", "reward/active", "reward/phase"):
             np.testing.assert_allclose(together[name], alone[name],
                                        rtol=1e-4, atol=1e-6, err_msg=name)
         adapter_together = lora_lib.load_lora(
-            str(tmp_path / "sweep" / spec.name / outputs.ADAPTER_DIR))
+            str(workdir / spec.name / outputs.ADAPTER_DIR))
         adapter_alone = lora_lib.load_lora(
             str(tmp_path / spec.name / outputs.ADAPTER_DIR))
         for a, b in zip(jax.tree.leaves(adapter_together),
                         jax.tree.leaves(adapter_alone)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_and_export_agree(tiny_sweep):
+    config, workdir = tiny_sweep
+    folders = run_folders.expand_folders([str(workdir)])
+    assert [os.path.basename(f) for f in folders] == [
+        s.name for s in sweep.agent_specs(config)]
+
+    agent = folders[2]
+    exported = run_folders.load_agent(agent)
+    restored = run_folders.load_agent(agent, step=config.num_updates)
+
+    assert exported.step == restored.step == config.num_updates
+    assert exported.config.seed == 2
+    for a, b in zip(jax.tree.leaves(exported.adapter),
+                    jax.tree.leaves(restored.adapter)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")
