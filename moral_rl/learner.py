@@ -28,6 +28,7 @@ from flax import struct
 from moral_rl import policy as policy_lib
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
+from moral_rl import retention
 from moral_rl.games import env as env_lib
 from moral_rl.games import metrics as metrics_lib
 from moral_rl.games import opponents as opponents_lib
@@ -89,6 +90,8 @@ class StepInputs:
         the first is 0).
       phase_rewards: RewardParams with leaves [A, F, ...].
       logged_rewards: RewardParams with leaves [len(LOGGED_REWARDS), ...].
+      probes: retention.ProbeArrays of the probe prompts and the base
+        model's answers, or None when the run has no retention probes.
     """
 
     base_params: Any
@@ -100,6 +103,7 @@ class StepInputs:
     phase_starts: jax.Array
     phase_rewards: rewards_lib.RewardParams
     logged_rewards: rewards_lib.RewardParams
+    probes: retention.ProbeArrays | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,8 @@ class StepSettings:
       ppo: validated PPO settings.
       num_games: B, games per agent.
       rollout_length: T, rounds played per update.
+      retention: weights of the retention regulariser added to the PPO
+        loss, or None to train without it.
     """
 
     model: Transformer
@@ -119,6 +125,7 @@ class StepSettings:
     ppo: ppo.PPOConfig
     num_games: int
     rollout_length: int
+    retention: retention.RegulariserCoefs | None = None
 
 
 class Transition(NamedTuple):
@@ -202,6 +209,12 @@ def _ppo_loss(adapter, batch, *, settings, inputs):
             - settings.ppo.entropy_coef * entropy)
     aux = dict(aux, policy_loss=policy_loss, value_loss=value_loss,
                entropy=entropy)
+    if settings.retention is not None:
+        penalty, penalty_aux = retention.regulariser(
+            settings.model, inputs.base_params, adapter, inputs.probes,
+            settings.retention)
+        loss = loss + penalty
+        aux.update(penalty_aux)
     return loss, aux
 
 

@@ -111,16 +111,23 @@ def _last_round(game: Game, strings, state: PromptState) -> str:
     )
 
 
+def rules_text(game: Game, strings: Sequence[str]) -> str:
+    """Render the rules and payoff table that open every game prompt."""
+    return (
+        "You are playing a game with another agent. In each round, you and "
+        "the other agent each choose an action at the same time, and both "
+        "of you get points according to this payoff table:\n\n"
+        f"{_payoff_table(game, strings)}"
+    )
+
+
 def standard_template(game: Game, strings: Sequence[str],
                       state: PromptState) -> str:
     """Render the training prompt: rules, payoff table, last round, question."""
     named = _ordered(strings, state.named_d_first)
     answer = _ordered(strings, state.answer_d_first)
     return (
-        "You are playing a game with another agent. In each round, you and "
-        "the other agent each choose an action at the same time, and both "
-        "of you get points according to this payoff table:\n\n"
-        f"{_payoff_table(game, strings)}\n\n"
+        f"{rules_text(game, strings)}\n\n"
         f"{_last_round(game, strings, state)}\n"
         f"You must choose one of two actions: {named[0]} or {named[1]}. "
         "What action would you take in this round to get the highest "

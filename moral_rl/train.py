@@ -6,6 +6,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import logging
 
@@ -25,6 +26,7 @@ from moral_rl import plots
 from moral_rl import policy as policy_lib
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
+from moral_rl import retention
 from moral_rl import run_config
 from moral_rl import writer as writer_lib
 from moral_rl.games import env as env_lib
@@ -82,8 +84,8 @@ def _reward_params(config, name):
 
 
 def build_inputs(config, settings, base_params, prompt_set, answers,
-                 ref_log_probs) -> learner.StepInputs:
-    """Collect the arrays every update reads."""
+                 ref_log_probs, probes=None) -> learner.StepInputs:
+    """Collect the arrays every update reads (`probes`: ProbeArrays)."""
     num_adapters = config.num_adapters
     game = payoffs_lib.get_game(config.game)
     opponent = opponents_lib.make_opponent(config.opponent)
@@ -102,6 +104,7 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
         phase_rewards=_stack([phase_rewards] * num_adapters),
         logged_rewards=_stack([_reward_params(config, name)
                                for name in learner.LOGGED_REWARDS]),
+        probes=probes,
     )
 
 
@@ -181,6 +184,49 @@ def _log_reference(writer, prompt_set, ref_log_probs):
                  probs[:, 0].mean(), probs[:, 1].mean(), probs[:, 2].mean())
 
 
+def _retention_measure(config, run: "RunSetup", settings):
+    """Build the host function that logs retention metrics when they are due.
+
+    The returned function takes (update counted from 1, state, inputs,
+    writer), writes the greedy answers as text at `text_every` and the
+    scalars where the loop does not log them itself, and returns the
+    per-adapter scalars ({} when nothing is due), or None is returned when
+    the run has no probes.
+    """
+    if run.probe_set is None:
+        return None
+    tokenizer = run.tokenizer
+    measure = jax.jit(jax.vmap(
+        functools.partial(
+            retention.retention_metrics, run.step_settings.model,
+            stop_tokens=tuple(tokenizer_lib.stop_token_ids(tokenizer)),
+            pad_id=tokenizer.pad_token_id),
+        in_axes=(None, 0, None)))
+
+    def log_retention(done, state, inputs, writer):
+        texts_due = retention.is_due(done, settings.text_every,
+                                     config.num_updates)
+        if not (texts_due or retention.is_due(done, settings.every,
+                                              config.num_updates)):
+            return {}
+        measured = jax.device_get(measure(
+            inputs.base_params, state.agents.adapter, inputs.probes))
+        scalars = retention.scalar_metrics(measured)
+        if done % config.log_every and done != config.num_updates:
+            writer.write_scalars(done, {name: float(np.mean(value))
+                                        for name, value in scalars.items()})
+        if texts_due:
+            answers = [retention.decode_answers(tokenizer, tokens, valid)
+                       for tokens, valid in zip(measured["answer_tokens"],
+                                                measured["answer_valid"])]
+            writer.write_texts(done, {"retention/answers": retention
+                                      .answers_markdown(run.probe_set,
+                                                        answers)})
+        return scalars
+
+    return log_retention
+
+
 def _progress_line(step, total, record, started, first_step):
     done = step - first_step
     elapsed = time.time() - started
@@ -212,6 +258,8 @@ class RunSetup:
       inputs: arrays every update reads.
       state: the fresh train state.
       step_settings: static settings of the update.
+      probe_set: the retention probes with the base model's answers, or
+        None when config.retention uses none.
     """
 
     model_config: object
@@ -221,6 +269,7 @@ class RunSetup:
     inputs: learner.StepInputs
     state: learner.TrainState
     step_settings: learner.StepSettings
+    probe_set: retention.ProbeSet | None = None
 
 
 def build_run(config, settings: run_config.RunSettings | None = None
@@ -252,20 +301,33 @@ def build_run(config, settings: run_config.RunSettings | None = None
             reference_model, params, None, prompts, answers))(
         base_params, prompt_set.arrays(), answer_arrays)
 
+    probe_set = None
+    if settings.retention.needs_probes:
+        log.info("Answering %d retention probes with the base model.",
+                 len(settings.retention.probes))
+        probe_set = retention.build_probe_set(
+            reference_model, base_params, tokenizer,
+            settings.retention.probes, game, settings.action_strings,
+            max_new_tokens=settings.retention.max_new_tokens,
+            system=config.system_prompt or None)
+
     log.info("Initialising the train state.")
     optimizer = make_optimizer(config)
-    inputs = build_inputs(config, settings, base_params, prompt_set, answers,
-                          ref_log_probs)
+    inputs = build_inputs(
+        config, settings, base_params, prompt_set, answers, ref_log_probs,
+        probes=None if probe_set is None else probe_set.arrays)
     state = init_train_state(config, settings, model_config, inputs,
                              optimizer)
     step_settings = learner.StepSettings(
         model=Transformer(model_config, settings.lora,
                           remat=config.model.remat),
         optimizer=optimizer, ppo=settings.ppo, num_games=config.num_games,
-        rollout_length=config.rollout_length)
+        rollout_length=config.rollout_length,
+        retention=settings.retention.coefs)
     return RunSetup(model_config=model_config, tokenizer=tokenizer,
                     prompt_set=prompt_set, answers=answers, inputs=inputs,
-                    state=state, step_settings=step_settings)
+                    state=state, step_settings=step_settings,
+                    probe_set=probe_set)
 
 
 def train_and_evaluate(config, workdir: str, *, resume: bool = False,
@@ -308,6 +370,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     else:
         writer.write_hparams(config.to_dict())
         _log_reference(writer, prompt_set, inputs.ref_log_probs)
+        if run.probe_set is not None:
+            writer.write_texts(0, {"retention/answers": retention
+                                   .answers_markdown(run.probe_set, [])})
     # Rewritten on resume too, so it holds the config the run finished with
     # (a resumed run may extend num_updates, say).
     writer_lib.write_config(workdir, config.to_dict())
@@ -324,6 +389,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         donate_argnums=0)
     state = jax.device_put(state, state_sharding)
     inputs = jax.device_put(inputs, inputs_sharding)
+    measure_retention = _retention_measure(config, run, settings.retention)
 
     history_path = os.path.join(workdir, "history.json")
     history = _load_history(history_path, int(state.step))
@@ -349,6 +415,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         metrics = jax.device_get(metrics)
         _check_finite(metrics, step)
         seconds = time.time() - tick
+        if measure_retention is not None:
+            metrics.update(measure_retention(step + 1, state, inputs,
+                                             writer))
         record = {name: float(np.mean(value))
                   for name, value in metrics.items()}
         record["perf/updates_per_sec"] = 1.0 / seconds
