@@ -28,7 +28,7 @@ from flax import struct
 from moral_rl import policy as policy_lib
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
-from moral_rl import retention
+from moral_rl import retention as retention_lib
 from moral_rl.games import env as env_lib
 from moral_rl.games import metrics as metrics_lib
 from moral_rl.games import opponents as opponents_lib
@@ -103,7 +103,7 @@ class StepInputs:
     phase_starts: jax.Array
     phase_rewards: rewards_lib.RewardParams
     logged_rewards: rewards_lib.RewardParams
-    probes: retention.ProbeArrays | None = None
+    probes: retention_lib.ProbeArrays | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ class StepSettings:
     ppo: ppo.PPOConfig
     num_games: int
     rollout_length: int
-    retention: retention.RegulariserCoefs | None = None
+    retention: retention_lib.RegulariserCoefs | None = None
 
 
 class Transition(NamedTuple):
@@ -210,7 +210,7 @@ def _ppo_loss(adapter, batch, *, settings, inputs):
     aux = dict(aux, policy_loss=policy_loss, value_loss=value_loss,
                entropy=entropy)
     if settings.retention is not None:
-        penalty, penalty_aux = retention.regulariser(
+        penalty, penalty_aux = retention_lib.regulariser(
             settings.model, inputs.base_params, adapter, inputs.probes,
             settings.retention)
         loss = loss + penalty
