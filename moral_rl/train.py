@@ -185,13 +185,14 @@ def _log_reference(writer, prompt_set, ref_log_probs):
 
 
 def _retention_measure(config, run: "RunSetup", settings):
-    """Build the host function that logs retention metrics when they are due.
+    """Build the host function that logs retention metrics when due.
 
-    The returned function takes (update counted from 1, state, inputs,
-    writer), writes the greedy answers as text at `text_every` and the
-    scalars where the loop does not log them itself, and returns the
-    per-adapter scalars ({} when nothing is due), or None is returned when
-    the run has no probes.
+    Returns:
+      None when the run has no probes. Otherwise a function of (update
+      counted from 1, state, inputs, writer) that writes the greedy answers
+      as text every `text_every` updates, writes the scalars itself on
+      updates the loop does not log, and returns the per-adapter scalars
+      ({} when nothing is due) for the loop's records.
     """
     if run.probe_set is None:
         return None
@@ -303,7 +304,7 @@ def build_run(config, settings: run_config.RunSettings | None = None
 
     probe_set = None
     if settings.retention.needs_probes:
-        log.info("Answering %d retention probes with the base model.",
+        log.info("Generating the base model's answers to %d retention probes.",
                  len(settings.retention.probes))
         probe_set = retention.build_probe_set(
             reference_model, base_params, tokenizer,

@@ -127,7 +127,7 @@ def test_is_due_rates():
     assert not any(retention.is_due(s, 0, 10) for s in range(1, 11))
 
 
-# -- Config ---------------------------------------------------------------------
+# -- Config --------------------------------------------------------------------
 
 
 def _config(**retention_fields):
@@ -433,15 +433,18 @@ def train_folder(tiny_llama_factory):
 
 @pytest.mark.slow
 def test_large_kl_coef_holds_probe_kl(train_folder):
+    # At 3e-3 the adapters move the probe KL to about 0.5 nats in 12 Adam
+    # steps. Much higher rates take steps too coarse for any weight on
+    # the KL to hold it.
     free_kl, free_metrics = _probe_kl_after(train_folder, 6, kl_coef=0.0,
-                                            learning_rate=3e-2)
+                                            learning_rate=3e-3)
     held_kl, held_metrics = _probe_kl_after(train_folder, 6, kl_coef=1e4,
-                                            learning_rate=3e-2)
+                                            learning_rate=3e-3)
 
     assert "ppo/retention_kl" not in free_metrics
     assert "ppo/retention_kl" in held_metrics
-    assert free_kl > 1e-2
-    assert held_kl < 0.05 * free_kl
+    assert free_kl > 0.05
+    assert held_kl < 0.01 * free_kl
 
 
 @pytest.mark.slow
