@@ -127,7 +127,7 @@ def test_is_due_rates():
     assert not any(retention.is_due(s, 0, 10) for s in range(1, 11))
 
 
-# -- Config --------------------------------------------------------------------
+# -- Config ---------------------------------------------------------------
 
 
 def _config(**retention_fields):
