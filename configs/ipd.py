@@ -152,6 +152,18 @@ def get_config(arg=None):
     config.mesh.data = 1
     config.mesh.model = 1
 
+    # Capability retention (moral_rl/retention.py, docs/retention.md):
+    # probe prompts outside the game, answered greedily by the base model.
+    config.retention = ml_collections.ConfigDict()
+    config.retention.probes_file = ""  # JSON probes; empty: the shipped set.
+    config.retention.num_probes = 0  # Use the first N probes; 0: all.
+    config.retention.max_new_tokens = 32  # Length of the reference answers.
+    config.retention.every = 4  # Updates between probe metrics; 0: off.
+    config.retention.text_every = 12  # Updates between answer texts; 0: off.
+    # Regulariser weights; 0 and 0 train exactly as the paper's method.
+    config.retention.kl_coef = 0.0  # Probe KL(adapter || base), nats.
+    config.retention.ptx_coef = 0.0  # NLL of the base model's answers.
+
     config.log_every = 1  # Updates between metric records.
     config.figure_every = 4  # Updates between action-type figures.
     config.checkpoint_every = 4  # Updates between checkpoints.

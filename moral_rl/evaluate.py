@@ -37,12 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moral_rl import figures
+from moral_rl import figures, generalisation, run_folders
 from moral_rl import followups as followups_lib
-from moral_rl import generalisation
 from moral_rl import policy as policy_lib
 from moral_rl import prompts as prompts_lib
-from moral_rl import run_folders
 from moral_rl import writer as writer_lib
 from moral_rl.games import env as env_lib
 from moral_rl.games import opponents as opponents_lib

@@ -16,10 +16,7 @@ import os
 
 import numpy as np
 
-from moral_rl import generalisation
-from moral_rl import plots
-from moral_rl import run_config
-from moral_rl import run_folders
+from moral_rl import generalisation, plots, run_config, run_folders
 
 REGRETS = ("deontological", "utilitarian")
 

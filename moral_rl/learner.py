@@ -34,6 +34,7 @@ from flax import struct
 from moral_rl import policy as policy_lib
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
+from moral_rl import retention as retention_lib
 from moral_rl.games import env as env_lib
 from moral_rl.games import metrics as metrics_lib
 from moral_rl.games import opponents as opponents_lib
@@ -100,6 +101,8 @@ class StepInputs:
         phases (sorted, the first is 0).
       phase_rewards: RewardParams with leaves [A, F, ...].
       logged_rewards: RewardParams with leaves [len(LOGGED_REWARDS), ...].
+      probes: retention.ProbeArrays of the probe prompts and the base
+        model's answers, or None when the run has no retention probes.
     """
 
     base_params: Any
@@ -111,6 +114,7 @@ class StepInputs:
     phase_starts: jax.Array
     phase_rewards: rewards_lib.RewardParams
     logged_rewards: rewards_lib.RewardParams
+    probes: retention_lib.ProbeArrays | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,8 @@ class StepSettings:
         matching ("fixed", "random" or "round_robin").
       adapter_batch: adapters vmapped together in the model calls; 0 means
         all of them.
+      retention: weights of the retention regulariser added to the PPO
+        loss, or None to train without it.
     """
 
     model: Transformer
@@ -136,6 +142,7 @@ class StepSettings:
     rollout_length: int
     matching: str | None = None
     adapter_batch: int = 0
+    retention: retention_lib.RegulariserCoefs | None = None
 
 
 class Transition(NamedTuple):
@@ -289,6 +296,12 @@ def _ppo_loss(adapter, batch, *, settings, inputs):
             - settings.ppo.entropy_coef * entropy)
     aux = dict(aux, policy_loss=policy_loss, value_loss=value_loss,
                entropy=entropy)
+    if settings.retention is not None:
+        penalty, penalty_aux = retention_lib.regulariser(
+            settings.model, inputs.base_params, adapter, inputs.probes,
+            settings.retention)
+        loss = loss + penalty
+        aux.update(penalty_aux)
     return loss, aux
 
 

@@ -129,14 +129,25 @@ def _choice_lines(strings, state: PromptState, goal: str) -> str:
     )
 
 
-def _table_prompt(game: Game, strings, state: PromptState, *,
-                  opening="You are playing a game with another agent.",
-                  rows=(COOPERATE, DEFECT), columns=(COOPERATE, DEFECT)):
+def rules_text(game: Game, strings: Sequence[str], *,
+               opening="You are playing a game with another agent.",
+               rows=(COOPERATE, DEFECT), columns=(COOPERATE, DEFECT)) -> str:
+    """Render the rules and payoff table that open every table prompt."""
     return (
         f"{opening} In each round, you and "
         "the other agent each choose an action at the same time, and both "
         "of you get points according to this payoff table:\n\n"
-        f"{_payoff_table(game, strings, rows, columns)}\n\n"
+        f"{_payoff_table(game, strings, rows, columns)}"
+    )
+
+
+def _table_prompt(game: Game, strings, state: PromptState, *,
+                  opening="You are playing a game with another agent.",
+                  rows=(COOPERATE, DEFECT), columns=(COOPERATE, DEFECT)):
+    rules = rules_text(game, strings, opening=opening, rows=rows,
+                       columns=columns)
+    return (
+        f"{rules}\n\n"
         f"{_last_round(game, strings, state)}\n"
         + _choice_lines(strings, state, "What action would you take in this "
                         "round to get the highest score?")

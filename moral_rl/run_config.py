@@ -7,11 +7,13 @@ written back into the config.
 """
 
 import dataclasses
+import math
 
 import ml_collections
 
 from moral_rl import ppo
 from moral_rl import prompts as prompts_lib
+from moral_rl import retention as retention_lib
 from moral_rl import sweep as sweep_lib
 from moral_rl.games import opponents as opponents_lib
 from moral_rl.games import payoffs as payoffs_lib
@@ -31,6 +33,7 @@ class RunSettings:
       action_strings: (C's string, D's string).
       ppo: the PPO dataclass.
       lora: the LoRA spec.
+      retention: the probe metrics and regulariser settings.
     """
 
     agents: tuple[sweep_lib.AgentSpec, ...]
@@ -39,6 +42,7 @@ class RunSettings:
     action_strings: tuple[str, str]
     ppo: ppo.PPOConfig
     lora: object
+    retention: "RetentionSettings | None" = None
 
     @property
     def reward_phases(self) -> tuple[tuple[int, str], ...]:
@@ -48,6 +52,31 @@ class RunSettings:
     @property
     def num_adapters(self) -> int:
         return len(self.agents)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionSettings:
+    """Validated `config.retention`.
+
+    Attributes:
+      probes: the probes in use (empty when nothing needs them).
+      max_new_tokens: R, length of the reference greedy answers.
+      every: updates between probe metrics; 0 is off.
+      text_every: updates between greedy-answer texts; 0 is off.
+      coefs: the regulariser's weights, or None when both are zero, which
+        leaves the compiled update as it is without retention.
+    """
+
+    probes: tuple
+    max_new_tokens: int
+    every: int
+    text_every: int
+    coefs: retention_lib.RegulariserCoefs | None
+
+    @property
+    def needs_probes(self) -> bool:
+        """Whether the run builds probe arrays."""
+        return bool(self.every or self.text_every or self.coefs)
 
 
 def _field_error(field, value, fix):
@@ -191,7 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> RunSettings:
 
     return RunSettings(agents=agents, agent_phases=tuple(agent_phases),
                        matching=matching, action_strings=strings,
-                       ppo=ppo_config, lora=spec)
+                       ppo=ppo_config, lora=spec,
+                       retention=validate_retention(config.retention))
 
 
 def _check_opponent(field, name):
@@ -213,3 +243,49 @@ def _check_mesh(mesh, num_adapters, num_games):
         if size is not None and size % value:
             raise _field_error(f"mesh.{axis}", value,
                                f"it must divide {what} ({size})")
+
+
+def _check_int(field, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or (
+            value < minimum):
+        raise _field_error(f"retention.{field}", value,
+                           f"use an integer >= {minimum}")
+
+
+def validate_retention(retention) -> RetentionSettings:
+    """Validate `config.retention` and load its probes when they are used."""
+    for field, minimum in (("every", 0), ("text_every", 0),
+                           ("num_probes", 0), ("max_new_tokens", 1)):
+        _check_int(field, retention[field], minimum)
+    for field in ("kl_coef", "ptx_coef"):
+        value = retention[field]
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value < 0):
+            raise _field_error(f"retention.{field}", value,
+                               "use a finite number >= 0 (0 turns the term "
+                               "off)")
+    coefs = None
+    if retention.kl_coef or retention.ptx_coef:
+        coefs = retention_lib.RegulariserCoefs(
+            kl_coef=float(retention.kl_coef),
+            ptx_coef=float(retention.ptx_coef))
+
+    settings = RetentionSettings(
+        probes=(), max_new_tokens=retention.max_new_tokens,
+        every=retention.every, text_every=retention.text_every, coefs=coefs)
+    if not settings.needs_probes:
+        return settings
+    try:
+        probes = retention_lib.load_probes(retention.probes_file)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"config.retention.probes_file={retention.probes_file!r} is "
+            f"invalid: {err}") from err
+    if retention.num_probes > len(probes):
+        raise _field_error(
+            "retention.num_probes", retention.num_probes,
+            f"the probe file has {len(probes)} probes; use at most that "
+            "many, or 0 for all")
+    if retention.num_probes:
+        probes = probes[:retention.num_probes]
+    return dataclasses.replace(settings, probes=probes)

@@ -6,6 +6,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moral_rl import checkpoint as checkpoint_lib
-from moral_rl import learner, ppo, run_config
+from moral_rl import learner, ppo, retention, run_config
 from moral_rl import outputs as outputs_lib
 from moral_rl import policy as policy_lib
 from moral_rl import prompts as prompts_lib
@@ -116,8 +117,8 @@ def _agent_opponent(agent):
 
 
 def build_inputs(config, settings, base_params, prompt_set, answers,
-                 ref_log_probs) -> learner.StepInputs:
-    """Collect the arrays every update reads."""
+                 ref_log_probs, probes=None) -> learner.StepInputs:
+    """Collect the arrays every update reads (`probes`: ProbeArrays)."""
     num_adapters = settings.num_adapters
     game = payoffs_lib.get_game(config.game)
     phase_starts, phase_rewards = _phase_arrays(config, settings)
@@ -134,6 +135,7 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
         phase_rewards=phase_rewards,
         logged_rewards=_stack([_reward_params(config, name)
                                for name in learner.LOGGED_REWARDS]),
+        probes=probes,
     )
 
 
@@ -296,6 +298,52 @@ def _log_reference(writer, prompt_set, ref_log_probs):
                  probs[:, 0].mean(), probs[:, 1].mean(), probs[:, 2].mean())
 
 
+def _retention_measure(config, run: "RunSetup", settings):
+    """Build the host function that logs retention metrics when due.
+
+    Returns:
+      None when the run has no probes. Otherwise a function of (update
+      counted from 1, state, inputs, one writer per agent) that writes the
+      greedy answers as text every `text_every` updates, writes the scalars
+      itself on updates the loop does not log, and returns the per-adapter
+      scalars ({} when nothing is due) for the loop's records.
+    """
+    if run.probe_set is None:
+        return None
+    tokenizer = run.tokenizer
+    one_adapter = functools.partial(
+        retention.retention_metrics, run.step_settings.model,
+        stop_tokens=tuple(tokenizer_lib.stop_token_ids(tokenizer)),
+        pad_id=tokenizer.pad_token_id)
+    measure = jax.jit(lambda params, adapters, probes: learner.map_adapters(
+        lambda adapter: one_adapter(params, adapter, probes), adapters,
+        config.adapter_batch))
+
+    def log_retention(done, state, inputs, writers):
+        texts_due = retention.is_due(done, settings.text_every,
+                                     config.num_updates)
+        if not (texts_due or retention.is_due(done, settings.every,
+                                              config.num_updates)):
+            return {}
+        measured = _fetch(measure(
+            inputs.base_params, state.agents.adapter, inputs.probes))
+        scalars = retention.scalar_metrics(measured)
+        for i, writer in enumerate(writers):
+            if done % config.log_every and done != config.num_updates:
+                writer.write_scalars(done, {
+                    name: float(value[i]) for name, value in scalars.items()})
+            if texts_due:
+                answers = retention.decode_answers(
+                    tokenizer, measured["answer_tokens"][i],
+                    measured["answer_valid"][i])
+                writer.write_texts(done, {"retention/answers": retention
+                                          .answers_markdown(run.probe_set,
+                                                            answers)})
+        return scalars
+
+    return log_retention
+
+
 def _progress_line(step, total, record, started, first_step):
     done = step - first_step
     elapsed = time.time() - started
@@ -327,6 +375,8 @@ class RunSetup:
       inputs: arrays every update reads.
       state: the fresh train state.
       step_settings: static settings of the update.
+      probe_set: the retention probes with the base model's answers, or
+        None when config.retention uses none.
     """
 
     model_config: object
@@ -336,6 +386,7 @@ class RunSetup:
     inputs: learner.StepInputs
     state: learner.TrainState
     step_settings: learner.StepSettings
+    probe_set: retention.ProbeSet | None = None
 
 
 def build_run(config, settings: run_config.RunSettings | None = None
@@ -367,10 +418,21 @@ def build_run(config, settings: run_config.RunSettings | None = None
             reference_model, params, None, prompts, answers))(
         base_params, prompt_set.arrays(), answer_arrays)
 
+    probe_set = None
+    if settings.retention.needs_probes:
+        log.info("Generating the base model's answers to %d retention probes.",
+                 len(settings.retention.probes))
+        probe_set = retention.build_probe_set(
+            reference_model, base_params, tokenizer,
+            settings.retention.probes, game, settings.action_strings,
+            max_new_tokens=settings.retention.max_new_tokens,
+            system=config.system_prompt or None)
+
     log.info("Initialising the train state.")
     optimizer = make_optimizer(config)
-    inputs = build_inputs(config, settings, base_params, prompt_set, answers,
-                          ref_log_probs)
+    inputs = build_inputs(
+        config, settings, base_params, prompt_set, answers, ref_log_probs,
+        probes=None if probe_set is None else probe_set.arrays)
     state = init_train_state(config, settings, model_config, inputs,
                              optimizer)
     step_settings = learner.StepSettings(
@@ -378,10 +440,12 @@ def build_run(config, settings: run_config.RunSettings | None = None
                           remat=config.model.remat),
         optimizer=optimizer, ppo=settings.ppo, num_games=config.num_games,
         rollout_length=config.rollout_length, matching=settings.matching,
-        adapter_batch=config.adapter_batch)
+        adapter_batch=config.adapter_batch,
+        retention=settings.retention.coefs)
     return RunSetup(model_config=model_config, tokenizer=tokenizer,
                     prompt_set=prompt_set, answers=answers, inputs=inputs,
-                    state=state, step_settings=step_settings)
+                    state=state, step_settings=step_settings,
+                    probe_set=probe_set)
 
 
 def train_and_evaluate(config, workdir: str, *, resume: bool = False,
@@ -439,6 +503,10 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
             results[-1].writer.write_hparams(agent_dict)
             _log_reference(results[-1].writer, prompt_set,
                            inputs.ref_log_probs)
+            if run.probe_set is not None:
+                results[-1].writer.write_texts(0, {
+                    "retention/answers": retention.answers_markdown(
+                        run.probe_set, [])})
         # Rewritten on resume too, so it holds the config the run finished
         # with (a resumed run may extend num_updates, say).
         writer_lib.write_config(folder, agent_dict)
@@ -455,6 +523,7 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
     population = settings.matching is not None
     update, state, inputs = jit_update(step_settings, mesh, state, inputs,
                                        population)
+    measure_retention = _retention_measure(config, run, settings.retention)
 
     if first_step >= config.num_updates:
         log.info("The run in %s already finished %d updates.", workdir,
@@ -480,6 +549,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         metrics = _fetch(metrics)
         seconds = time.time() - tick
         failed = _report_failures(metrics, failed, agents, step)
+        if measure_retention is not None:
+            metrics.update(measure_retention(
+                step + 1, state, inputs, [r.writer for r in results]))
         done = step + 1
         last = {name: np.asarray(value).tolist()
                 for name, value in metrics.items()}
