@@ -17,7 +17,9 @@ to each model after a game prompt and its own answer.
 
 Output folder:
   metrics.csv       one row per (model, game, variant): mean, std, 95% CI
-                    and exact expectation of every metric
+                    and exact expectation of every metric, and the
+                    model's retention probe KL and unchanged-answer
+                    fraction against its base model (docs/retention.md)
   distributions.json  P(C), P(D), P(illegal) per prompt of each row
   followups.json    follow-up questions and the models' replies
   evaluation.json   the settings and models evaluated
@@ -41,6 +43,7 @@ from moral_rl import figures, generalisation, run_folders
 from moral_rl import followups as followups_lib
 from moral_rl import policy as policy_lib
 from moral_rl import prompts as prompts_lib
+from moral_rl import retention as retention_lib
 from moral_rl import writer as writer_lib
 from moral_rl.games import env as env_lib
 from moral_rl.games import opponents as opponents_lib
@@ -78,6 +81,13 @@ def _policy_outputs(model, params, adapter, prompts, answers):
     return policy_lib.policy_outputs(model, params, adapter, prompts, answers)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _retention_metrics(model, params, adapter, probes, stop_tokens, pad_id):
+    return retention_lib.retention_metrics(model, params, adapter, probes,
+                                           stop_tokens=stop_tokens,
+                                           pad_id=pad_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """What to test every model on.
@@ -98,6 +108,8 @@ class EvalSettings:
       followup_tokens: maximum tokens of each free-text reply.
       answer_tokens: maximum tokens of the model's answer to the game.
       temperature: sampling temperature of free text, 0 for greedy.
+      retention_tokens: length of the reference answers to the retention
+        probes (moral_rl/data/probes.json); 0 skips the retention columns.
     """
 
     games: tuple[str, ...] = tuple(payoffs_lib.GAMES)
@@ -114,6 +126,7 @@ class EvalSettings:
     followup_tokens: int = 64
     answer_tokens: int = 8
     temperature: float = 0.0
+    retention_tokens: int = 32
 
     def __post_init__(self):
         for name in (*self.games, *self.followup_games):
@@ -130,6 +143,10 @@ class EvalSettings:
                                  "integer >= 1.")
         if not self.games or not self.variants:
             raise ValueError("Give at least one game and one prompt variant.")
+        if not isinstance(self.retention_tokens, int) or (
+                self.retention_tokens < 0):
+            raise ValueError(f"retention_tokens={self.retention_tokens!r} is "
+                             "invalid: use 0 (off) or a positive integer.")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} is invalid: "
                              "use 0 (greedy) or a positive temperature.")
@@ -280,6 +297,11 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
         "deontological", xi=model.xi, r_illegal=model.r_illegal)
     root = jax.random.key(settings.seed)
 
+    retention_columns = {}
+    if settings.retention_tokens:
+        retention_columns = _retention_columns(
+            model, transformer, params, tokenizer, settings, cache)
+
     rows, distributions = [], {}
     for game_index, game_name in enumerate(settings.games):
         game = payoffs_lib.get_game(game_name)
@@ -304,7 +326,8 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
                 "action_strings": ",".join(settings.action_strings),
                 "num_seeds": settings.num_seeds,
                 "num_games": settings.num_games,
-                "num_rounds": settings.num_rounds, **stats})
+                "num_rounds": settings.num_rounds, **stats,
+                **retention_columns})
             # Unrounded: legal answers of an untuned model can have
             # probabilities far below 1e-6.
             distributions.setdefault(game_name, {})[variant] = np.exp(
@@ -322,6 +345,34 @@ def evaluate_model(model: EvalModel, settings: EvalSettings, cache: dict):
     return rows, distributions, records
 
 
+def _retention_columns(model: EvalModel, transformer, params, tokenizer,
+                       settings: EvalSettings, cache: dict) -> dict:
+    """Probe KL and unchanged fraction of a model against its base model.
+
+    The probes are those of the training runs' retention metrics, in the
+    Prisoner's Dilemma framing with the training action strings; the base
+    model's greedy answers are computed once per base model.
+    """
+    key = ("probes", model.model_name, model.dtype, model.param_dtype,
+           settings.retention_tokens)
+    if key not in cache:
+        config, base_params, _ = _load_base(model, cache)
+        cache[key] = retention_lib.build_probe_set(
+            Transformer(config), base_params, tokenizer,
+            retention_lib.load_probes(),
+            payoffs_lib.get_game("prisoners_dilemma"),
+            prompts_lib.TRAIN_ACTION_STRINGS,
+            max_new_tokens=settings.retention_tokens)
+    probe_set = cache[key]
+    measured = _retention_metrics(
+        transformer, params, model.adapter, probe_set.arrays,
+        tuple(tokenizer_lib.stop_token_ids(tokenizer)),
+        tokenizer.pad_token_id)
+    return {"retention_probe_kl": float(measured["probe_kl"]),
+            "retention_unchanged_fraction": float(
+                measured["unchanged_fraction"])}
+
+
 def _log_to_tensorboard(out_dir, model: EvalModel, rows, records):
     writer = writer_lib.MetricWriter(
         os.path.join(out_dir, "tensorboard", model.name.replace("/", "__")))
@@ -332,6 +383,10 @@ def _log_to_tensorboard(out_dir, model: EvalModel, rows, records):
             prefix = f"eval/{row['game']}/{row['variant']}/{metric}"
             scalars[f"{prefix}/mean"] = row[f"{metric}_mean"]
             scalars[f"{prefix}/expected"] = row[f"{metric}_expected"]
+        for column in ("retention_probe_kl", "retention_unchanged_fraction"):
+            if column in row:
+                scalars[f"retention/{column[len('retention_'):]}"] = row[
+                    column]
     writer.write_scalars(step, scalars)
     if records:
         writer.write_texts(step, {
@@ -466,6 +521,10 @@ def parse_args(argv):
                         help="maximum tokens of each free-text reply")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="free-text sampling temperature, 0 for greedy")
+    parser.add_argument("--retention_tokens", type=int, default=32,
+                        help="tokens of the base model's answers to the "
+                        "retention probes; 0 skips the probe KL and "
+                        "unchanged-answer columns")
     return parser.parse_args(argv)
 
 
@@ -486,7 +545,8 @@ def main(argv=None) -> int:
         opponent=args.opponent, num_games=args.num_games,
         num_seeds=args.num_seeds, num_rounds=args.num_rounds, seed=args.seed,
         questions=questions, followup_games=_names(args.followup_games),
-        followup_tokens=args.followup_tokens, temperature=args.temperature)
+        followup_tokens=args.followup_tokens, temperature=args.temperature,
+        retention_tokens=args.retention_tokens)
 
     models = run_models(args.folders, args.step)
     if args.base:

@@ -338,7 +338,7 @@ def _retention_measure(config, run: "RunSetup", settings):
                     measured["answer_valid"][i])
                 writer.write_texts(done, {"retention/answers": retention
                                           .answers_markdown(run.probe_set,
-                                                            answers)})
+                                                            [answers])})
         return scalars
 
     return log_retention

@@ -480,11 +480,27 @@ def test_metrics_table_has_row_per_case(evaluated):
         "opponent", "action_strings", "num_seeds", "num_games",
         "num_rounds", "n"]
     assert len(table[0]) == 13 + len(generalisation.METRICS) * len(
-        generalisation.STATISTICS)
+        generalisation.STATISTICS) + 2
+    assert list(table[0])[-2:] == ["retention_probe_kl",
+                                   "retention_unchanged_fraction"]
     models = list(dict.fromkeys(row["model"] for row in table))
     assert models == ["utilitarian__seed0", "game__seed1", "untuned",
                       "untuned_utilitarian_prompt"]
     assert {row["n"] for row in table} == {12.0}
+
+
+@pytest.mark.slow
+def test_retention_columns_compare_with_base(evaluated):
+    _, rows = evaluated
+    by_model = {row["model"]: row for row in rows}
+
+    untuned = by_model["untuned"]
+    adapted = by_model["utilitarian__seed0"]
+    assert untuned["retention_probe_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert untuned["retention_unchanged_fraction"] == 1.0
+    # The test adapter has B = 0.5 everywhere, far from the base model.
+    assert adapted["retention_probe_kl"] > 0.01
+    assert adapted["retention_unchanged_fraction"] < 1.0
 
 
 @pytest.mark.slow
