@@ -119,3 +119,32 @@ def test_fixed_matching_pairs_neighbours():
 
 def test_scripted_opponents_have_no_partners():
     assert sweep.partners(sweep.agent_specs(_config()), "fixed", 0) is None
+
+
+def test_sweep_configs_validate():
+    from configs import population
+    from configs import sweep as sweep_configs
+
+    grid = run_config.validate(sweep_configs.get_config("grid"))
+    unlearning = run_config.validate(sweep_configs.get_config("unlearning"))
+    pairs = run_config.validate(population.get_config("llm_vs_llm"))
+    four = run_config.validate(population.get_config("population"))
+
+    assert grid.num_adapters == 20
+    assert {a.reward_schedule for a in grid.agents} == set(
+        sweep_configs.PAPER_REWARDS)
+    assert unlearning.agent_phases[0] == ((0, "game"), (12, "utilitarian"))
+    assert pairs.matching == "fixed"
+    assert [a.reward_schedule for a in pairs.agents[:2]] == ["game", "game"]
+    assert four.matching == "round_robin"
+    assert four.num_adapters == 4
+
+
+def test_unknown_sweep_experiment_raises():
+    from configs import population
+    from configs import sweep as sweep_configs
+
+    with pytest.raises(ValueError, match="Unknown sweep 'grd'"):
+        sweep_configs.get_config("grd")
+    with pytest.raises(ValueError, match="Unknown population experiment"):
+        population.get_config("tournament")
