@@ -1,6 +1,7 @@
 """Print the final action types of finished runs as a Markdown table.
 
   python -m moral_rl.summary results/grid/*
+  python -m moral_rl.summary results/grid       # a sweep: all its agents
 
 Each run folder must hold `final_metrics.json` and `config.json`, which
 `moral_rl.main` writes. The columns are the fractions of the last update's
@@ -57,9 +58,23 @@ def markdown_table(folders) -> str:
               + ["untuned P(C)", "untuned P(illegal)"])
     lines = ["| " + " | ".join(header) + " |",
              "| " + " | ".join("---" for _ in header) + " |"]
-    for folder in folders:
+    for folder in _expand_sweeps(folders):
         lines.append("| " + " | ".join(run_row(folder)) + " |")
     return "\n".join(lines)
+
+
+def _expand_sweeps(folders):
+    """Replace each sweep folder (with sweep.json) by its agents' folders."""
+    expanded = []
+    for folder in folders:
+        sweep_path = os.path.join(folder, "sweep.json")
+        if os.path.isfile(sweep_path):
+            with open(sweep_path) as f:
+                agents = json.load(f)["agents"]
+            expanded += [os.path.join(folder, name) for name in agents]
+        else:
+            expanded.append(folder)
+    return expanded
 
 
 def main(argv):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import ipd
-from moral_rl import learner, outputs, run_folders, sweep, train
+from moral_rl import learner, outputs, run_folders, summary, sweep, train
 from moral_rl.models import lora as lora_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,3 +202,13 @@ def test_sharded_update_matches_one_device(tiny_folder):
     assert report["max_metric_difference"] < 1e-4
     assert report["max_adapter_difference"] < 1e-5
     assert report["adapters_moved"]
+
+
+@pytest.mark.slow
+def test_summary_lists_every_agent(tiny_sweep):
+    config, workdir = tiny_sweep
+
+    lines = summary.markdown_table([str(workdir)]).splitlines()
+
+    names = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
+    assert names == [s.name for s in sweep.agent_specs(config)]
