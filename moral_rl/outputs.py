@@ -124,6 +124,8 @@ class AgentOutputs:
 
 def save_adapter(directory, adapter):
     """Export one agent's adapter and value head for evaluation."""
+    # Orbax accepts only absolute paths.
+    directory = os.path.abspath(directory)
     if os.path.exists(directory):
         shutil.rmtree(directory)
     lora_lib.save_lora(directory, jax.device_get(adapter))

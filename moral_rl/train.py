@@ -529,9 +529,20 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         log.info("The run in %s already finished %d updates.", workdir,
                  first_step)
         checkpointer.close()
+        if all(os.path.isfile(os.path.join(
+                folder, outputs_lib.FINAL_METRICS_FILE)) for folder in folders):
+            for result in results:
+                result.writer.close()
+            return _load_final_metrics(folders)
+        # Killed after its last checkpoint but before the final files:
+        # write them from the saved histories and the restored state.
+        last = {name: [result.history[-1][name] for result in results]
+                for name in results[0].history[-1] if name != "step"}
         for result in results:
-            result.writer.close()
-        return _load_final_metrics(folders)
+            result.write_figure(first_step)
+        _finish(state, results, last, agents, workdir, population,
+                is_primary)
+        return last
 
     tokens_per_update = _tokens_per_update(prompt_set, answers, settings)
     started = time.time()
@@ -586,6 +597,12 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
 
     checkpointer.wait_until_finished()
     checkpointer.close()
+    _finish(state, results, last, agents, workdir, population, is_primary)
+    return last
+
+
+def _finish(state, results, last, agents, workdir, population, is_primary):
+    """Write every agent's final files and the population table."""
     adapters = _fetch(state.agents.adapter)
     for i, result in enumerate(results):
         agent_last = {name: [values[i]] for name, values in last.items()}
@@ -595,7 +612,6 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False,
         _write_population(workdir, agents, [r.history for r in results])
     log.info("Results are in %s (TensorBoard: tensorboard --logdir %s).",
              workdir, workdir)
-    return last
 
 
 def _fetch(tree):

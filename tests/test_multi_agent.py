@@ -9,6 +9,7 @@ update.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -212,3 +213,25 @@ def test_summary_lists_every_agent(tiny_sweep):
 
     names = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
     assert names == [s.name for s in sweep.agent_specs(config)]
+
+
+@pytest.mark.slow
+def test_rerun_writes_missing_final_files(tiny_sweep, tmp_path,
+                                          monkeypatch):
+    config, workdir = tiny_sweep
+    shutil.copytree(workdir, tmp_path / "copy")
+    names = [s.name for s in sweep.agent_specs(config)]
+    for name in names:
+        os.remove(tmp_path / "copy" / name / outputs.FINAL_METRICS_FILE)
+        shutil.rmtree(tmp_path / "copy" / name / outputs.ADAPTER_DIR)
+    # A relative workdir, as users pass on the command line.
+    monkeypatch.chdir(tmp_path)
+
+    train.train_and_evaluate(config, "copy")
+
+    for name in names:
+        restored = _final(tmp_path / "copy" / name)
+        original = _final(workdir / name)
+        np.testing.assert_allclose(restored["policy/p_cooperate"],
+                                   original["policy/p_cooperate"])
+        assert (tmp_path / "copy" / name / outputs.ADAPTER_DIR).is_dir()
