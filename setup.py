@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["moral_rl", "moral_rl.*"]),
     include_package_data=True,
-    package_data={"moral_rl": ["data/*"]},
+    package_data={"moral_rl.data": ["*.json"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -1,0 +1,1 @@
+"""Data files shipped with moral_rl (the retention probes)."""
