@@ -139,10 +139,15 @@ def build_inputs(config, settings, base_params, prompt_set, answers,
     )
 
 
-def _init_agent(seed, config, settings, model_config, optimizer, payoffs,
+def _init_agent(spec, config, settings, model_config, optimizer, payoffs,
                 opponent, first_reward):
     """Build one agent's fresh state and key from its seed alone."""
-    root = jax.random.key(seed)
+    root = jax.random.key(spec.seed)
+    if spec.member >= 0:
+        # Members of one population share its seed; folding in the member
+        # index keeps two members with the same reward from being twins
+        # that draw the same actions.
+        root = jax.random.fold_in(root, spec.member)
     init_key, games_key, train_key = jax.random.split(root, 3)
     lora = lora_lib.init_lora(init_key, model_config, settings.lora, 1)
     adapter = {"lora": lora,
@@ -180,7 +185,7 @@ def init_train_state(config, settings, model_config, inputs,
             lambda x, i=i: x[i],
             (inputs.payoffs, inputs.opponent, inputs.phase_rewards))
         first_reward = jax.tree.map(lambda x: x[0], first_reward)
-        agent, key = _init_agent(spec.seed, config, settings, model_config,
+        agent, key = _init_agent(spec, config, settings, model_config,
                                  optimizer, payoffs, opponent, first_reward)
         agents.append(agent)
         keys.append(key)

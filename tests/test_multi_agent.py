@@ -235,3 +235,16 @@ def test_rerun_writes_missing_final_files(tiny_sweep, tmp_path,
         np.testing.assert_allclose(restored["policy/p_cooperate"],
                                    original["policy/p_cooperate"])
         assert (tmp_path / "copy" / name / outputs.ADAPTER_DIR).is_dir()
+
+
+@pytest.mark.slow
+def test_population_members_start_apart(tiny_folder):
+    config = _tiny_config(tiny_folder)
+    config.population.rewards = "game;game"
+
+    run = train.build_run(config)
+
+    lora_a = run.state.agents.adapter["lora"]["layers"]["attn"]["q"]["a"]
+    assert not np.array_equal(lora_a[0], lora_a[1])
+    assert not np.array_equal(jax.random.key_data(run.state.key[0]),
+                              jax.random.key_data(run.state.key[1]))
