@@ -41,6 +41,7 @@ import numpy as np
 
 from moral_rl import figures, generalisation, run_folders
 from moral_rl import followups as followups_lib
+from moral_rl import outputs as outputs_lib
 from moral_rl import policy as policy_lib
 from moral_rl import prompts as prompts_lib
 from moral_rl import retention as retention_lib
@@ -418,9 +419,9 @@ def evaluate(models, settings: EvalSettings, out_dir: str) -> list[dict]:
         records += model_records
 
     figures.write_csv(os.path.join(out_dir, METRICS_FILE), rows)
-    _write_json(os.path.join(out_dir, DISTRIBUTIONS_FILE), distributions)
-    _write_json(os.path.join(out_dir, FOLLOWUPS_FILE), records)
-    _write_json(os.path.join(out_dir, SETTINGS_FILE), {
+    outputs_lib.write_json(os.path.join(out_dir, DISTRIBUTIONS_FILE), distributions)
+    outputs_lib.write_json(os.path.join(out_dir, FOLLOWUPS_FILE), records)
+    outputs_lib.write_json(os.path.join(out_dir, SETTINGS_FILE), {
         "settings": dataclasses.asdict(settings),
         "models": [{"name": m.name, "kind": m.kind, "group": m.group,
                     "model_name": m.model_name, "seed": m.seed,
@@ -429,11 +430,6 @@ def evaluate(models, settings: EvalSettings, out_dir: str) -> list[dict]:
     figures.write_regret_figures(rows, out_dir)
     log.info("Evaluation results are in %s.", out_dir)
     return rows
-
-
-def _write_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
 
 
 def register_games_file(path: str) -> list[str]:

@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from moral_rl import run_folders
+
 COLUMNS = (
     # The pipe is escaped, so these labels stay one Markdown table cell.
     ("actions/c_given_c", "C\\|C"),
@@ -58,23 +60,9 @@ def markdown_table(folders) -> str:
               + ["untuned P(C)", "untuned P(illegal)"])
     lines = ["| " + " | ".join(header) + " |",
              "| " + " | ".join("---" for _ in header) + " |"]
-    for folder in _expand_sweeps(folders):
+    for folder in run_folders.expand_folders(folders):
         lines.append("| " + " | ".join(run_row(folder)) + " |")
     return "\n".join(lines)
-
-
-def _expand_sweeps(folders):
-    """Replace each sweep folder (with sweep.json) by its agents' folders."""
-    expanded = []
-    for folder in folders:
-        sweep_path = os.path.join(folder, "sweep.json")
-        if os.path.isfile(sweep_path):
-            with open(sweep_path) as f:
-                agents = json.load(f)["agents"]
-            expanded += [os.path.join(folder, name) for name in agents]
-        else:
-            expanded.append(folder)
-    return expanded
 
 
 def main(argv):
