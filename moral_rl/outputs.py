@@ -58,9 +58,14 @@ def agent_config(config_dict: dict, agent) -> dict:
 
 def write_json(path, value):
     """Write JSON atomically: a partial file, then a rename."""
+    write_text(path, json.dumps(value, indent=1))
+
+
+def write_text(path, text: str):
+    """Write a text file atomically: a partial file, then a rename."""
     partial = f"{path}.partial"
     with open(partial, "w") as f:
-        json.dump(value, f, indent=1)
+        f.write(text)
     os.replace(partial, path)
 
 
@@ -131,31 +136,49 @@ def save_adapter(directory, adapter):
     lora_lib.save_lora(directory, jax.device_get(adapter))
 
 
+# Per-pair columns of the population table and the history column each
+# one averages over the updates in which the two agents met.
+PAIR_COLUMNS = {
+    "cooperation": "actions/cooperation",
+    "payoff": "payoff/agent",
+    "exploitation": "actions/d_given_c",
+    "deontological_regret": "regret/deontological",
+    "utilitarian_regret": "regret/utilitarian",
+}
+PAIR_TITLES = {
+    "cooperation": "Cooperation of the row agent against the column agent",
+    "exploitation": "D|C rate of the row agent against the column agent "
+                    "(how often it defects on a partner who cooperated)",
+    "payoff": "Game payoff per round of the row agent",
+    "deontological_regret": "Deontological regret of the row agent",
+    "utilitarian_regret": "Utilitarian regret of the row agent",
+}
+
+
 def population_table(agents, histories) -> dict:
     """Who cooperates with whom, from the per-update records.
 
     Returns:
-      {"agents": names, "cooperation": [i][j] mean cooperation of agent i
-      in the updates it played agent j (None where they never met),
-      "payoff": the same for i's game points, "exploitation": i's D|C rate
-      against j, "meetings": number of updates they met}.
+      {"agents": names, "meetings": [i][j] number of updates i played j,
+      and for each key of PAIR_COLUMNS, [i][j] the mean of that column of
+      agent i over the updates it played j (None where they never met),
+      plus "overall": {key: [i] the mean over all of i's updates}}.
     """
     names = [agent.name for agent in agents]
     size = len(agents)
-    sums = {key: np.zeros((size, size)) for key in
-            ("cooperation", "payoff", "exploitation")}
+    sums = {key: np.zeros((size, size)) for key in PAIR_COLUMNS}
     meetings = np.zeros((size, size), np.int64)
-    columns = {"cooperation": "actions/cooperation",
-               "payoff": "payoff/agent",
-               "exploitation": "actions/d_given_c"}
     for i, history in enumerate(histories):
         for record in history:
             j = int(record["population/partner"])
             meetings[i, j] += 1
-            for key, column in columns.items():
+            for key, column in PAIR_COLUMNS.items():
                 sums[key][i, j] += record[column]
 
     table = {"agents": names, "meetings": meetings.tolist()}
+    played = np.maximum(meetings.sum(axis=1), 1)
+    table["overall"] = {key: (total.sum(axis=1) / played).tolist()
+                        for key, total in sums.items()}
     for key, total in sums.items():
         table[key] = [[total[i, j] / meetings[i, j] if meetings[i, j]
                        else None for j in range(size)]
@@ -163,14 +186,26 @@ def population_table(agents, histories) -> dict:
     return table
 
 
-def population_markdown(table) -> str:
-    """Cooperation of each row agent against each column agent."""
-    names = table["agents"]
+def _matrix_markdown(names, rows) -> list[str]:
     lines = ["| agent \\ partner | " + " | ".join(names) + " |",
              "| --- |" + " --- |" * len(names)]
-    for i, name in enumerate(names):
-        cells = []
-        for value in table["cooperation"][i]:
-            cells.append("-" if value is None else f"{value:.3f}")
+    for name, row in zip(names, rows):
+        cells = ["-" if value is None else f"{value:.3f}" for value in row]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def population_markdown(table) -> str:
+    """Per-agent summary, then one agent-by-partner table per metric."""
+    names = table["agents"]
+    keys = list(PAIR_COLUMNS)
+    lines = ["## Each agent over all its games", "",
+             "| agent | " + " | ".join(keys) + " |",
+             "| --- |" + " --- |" * len(keys)]
+    for i, name in enumerate(names):
+        cells = [f"{table['overall'][key][i]:.3f}" for key in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key in keys:
+        lines += ["", f"## {PAIR_TITLES[key]}", ""]
+        lines += _matrix_markdown(names, table[key])
     return "\n".join(lines) + "\n"

@@ -654,8 +654,8 @@ def _write_population(workdir, agents, histories):
     table = outputs_lib.population_table(agents, histories)
     outputs_lib.write_json(
         os.path.join(workdir, outputs_lib.POPULATION_FILE), table)
-    with open(os.path.join(workdir, "population.md"), "w") as f:
-        f.write(outputs_lib.population_markdown(table))
+    outputs_lib.write_text(os.path.join(workdir, "population.md"),
+                           outputs_lib.population_markdown(table))
 
 
 def _load_final_metrics(folders):

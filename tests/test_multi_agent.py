@@ -166,6 +166,45 @@ def test_population_seats_share_games(tiny_folder):
                                metrics["payoff/opponent"][1], rtol=1e-6)
 
 
+def _record(partner, cooperation, exploitation, deontological, payoff=1.0):
+    return {"population/partner": partner,
+            "actions/cooperation": cooperation,
+            "actions/d_given_c": exploitation, "payoff/agent": payoff,
+            "regret/deontological": deontological,
+            "regret/utilitarian": 1.0 - cooperation}
+
+
+def test_population_table_averages_per_partner():
+    agents = [sweep.AgentSpec(name=f"{reward}_{i}", seed=0,
+                              reward_schedule=reward, opponent="learner",
+                              member=i)
+              for i, reward in enumerate(("game", "utilitarian", "game"))]
+    # Agent 0 met agent 1 twice and agent 2 once; 1 and 2 met once.
+    histories = [
+        [_record(1, 0.2, 0.5, 1.0), _record(1, 0.4, 0.3, 3.0),
+         _record(2, 0.0, 0.0, 0.0)],
+        [_record(0, 1.0, 0.0, 0.0), _record(0, 0.8, 0.0, 0.0),
+         _record(2, 0.6, 0.1, 2.0)],
+        [_record(0, 0.1, 0.9, 4.0), _record(1, 0.3, 0.2, 2.0)],
+    ]
+
+    table = outputs.population_table(agents, histories)
+
+    np.testing.assert_array_equal(table["meetings"],
+                                  [[0, 2, 1], [2, 0, 1], [1, 1, 0]])
+    assert table["cooperation"][0][1] == pytest.approx(0.3)
+    assert table["exploitation"][0][1] == pytest.approx(0.4)
+    assert table["deontological_regret"][0][1] == pytest.approx(2.0)
+    assert table["utilitarian_regret"][1][0] == pytest.approx(0.1)
+    assert table["cooperation"][2][2] is None
+    # The overall column weighs every update alike, not every partner.
+    assert table["overall"]["cooperation"][0] == pytest.approx(0.2)
+    assert table["overall"]["deontological_regret"][2] == pytest.approx(3.0)
+    markdown = outputs.population_markdown(table)
+    assert "| agent \\ partner |" in markdown
+    assert "D|C rate" in markdown and "| 0.300 |" in markdown
+
+
 @pytest.mark.slow
 def test_round_robin_population_table(tiny_folder, tmp_path):
     config = _tiny_config(tiny_folder, num_updates=3)
