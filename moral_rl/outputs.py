@@ -136,8 +136,8 @@ def save_adapter(directory, adapter):
     lora_lib.save_lora(directory, jax.device_get(adapter))
 
 
-# Per-pair columns of the population table and the history column each
-# one averages over the updates in which the two agents met.
+# The population table's per-pair columns. Each averages a history column
+# over the updates in which the two agents met.
 PAIR_COLUMNS = {
     "cooperation": "actions/cooperation",
     "payoff": "payoff/agent",
@@ -196,7 +196,8 @@ def _matrix_markdown(names, rows) -> list[str]:
 
 
 def population_markdown(table) -> str:
-    """Per-agent summary, then one agent-by-partner table per metric."""
+    """Render a per-agent summary, then one agent-by-partner table per
+    metric, as markdown."""
     names = table["agents"]
     keys = list(PAIR_COLUMNS)
     lines = ["## Each agent over all its games", "",
