@@ -8,7 +8,7 @@ With --sample K only the first K separate runs are made and their total is
 scaled to all agents, which the output says. The separate runs' final
 metrics are compared with their agents in the sweep.
 
-  python benchmarks/sweep_vs_separate.py --seeds 0,1,2,3,4 --updates 2 \
+  python benchmarks/sweep_vs_separate.py --seeds 0,1,2,3,4 --updates 3 \
       --sample 4 --out results/bench_sweep -- --config.ppo.epochs=1
 """
 
@@ -30,6 +30,16 @@ def _run(args, workdir):
     subprocess.run(command, cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     return time.time() - started
+
+
+def _update_seconds(folder):
+    """Median time of the updates after the first, which includes
+    compilation, from the run's history (None with one update)."""
+    with open(os.path.join(folder, "history.json")) as f:
+        history = json.load(f)
+    seconds = sorted(1.0 / row["perf/updates_per_sec"] for row in history
+                     if row["step"] > 1)
+    return seconds[len(seconds) // 2] if seconds else None
 
 
 def _final(folder):
@@ -63,12 +73,13 @@ def main():
           flush=True)
 
     sample = agents[:args.sample] if args.sample else agents
-    separate, largest_difference = [], 0.0
+    separate, separate_updates, largest_difference = [], [], 0.0
     for seed, reward in sample:
         workdir = os.path.join(args.out, f"{reward}__seed{seed}")
         seconds = _run([f"--config=configs/ipd.py:{reward}",
                         f"--config.seed={seed}", *common], workdir)
         separate.append(seconds)
+        separate_updates.append(_update_seconds(workdir))
         print(f"separate run {reward} seed {seed}: {seconds:.0f} s",
               flush=True)
         name = f"prisoners_dilemma__{reward}__tit_for_tat__seed{seed}"
@@ -79,6 +90,26 @@ def main():
                                      abs(together[key][0] - alone[key][0]))
 
     separate_total = sum(separate) * len(agents) / len(sample)
+
+    # Wall time = start-up + updates. Splitting it shows how the ratio
+    # changes with the run length: start-up is paid once by the program
+    # and once per agent by separate runs.
+    sweep_update = _update_seconds(os.path.join(
+        sweep_dir, f"prisoners_dilemma__{REWARDS[0]}__tit_for_tat__"
+        f"seed{seeds[0]}"))
+    separate_update = (sum(separate_updates) / len(separate_updates)
+                       if None not in separate_updates else None)
+    steady = {}
+    if sweep_update and separate_update:
+        steady = {
+            "one_program_update_s": sweep_update,
+            "separate_update_s": separate_update,
+            "one_program_startup_s": sweep_seconds
+            - args.updates * sweep_update,
+            "separate_startup_s": sum(separate) / len(separate)
+            - args.updates * separate_update,
+            "update_ratio": sweep_update / (len(agents) * separate_update),
+        }
     report = {
         "agents": len(agents), "updates": args.updates,
         "overrides": args.overrides,
@@ -89,6 +120,7 @@ def main():
         "separate_total_is_scaled": len(sample) < len(agents),
         "ratio": sweep_seconds / separate_total,
         "max_metric_difference": largest_difference,
+        **steady,
     }
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
