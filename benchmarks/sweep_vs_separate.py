@@ -15,6 +15,7 @@ metrics are compared with their agents in the sweep.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,9 +38,9 @@ def _update_seconds(folder):
     compilation, from the run's history (None with one update)."""
     with open(os.path.join(folder, "history.json")) as f:
         history = json.load(f)
-    seconds = sorted(1.0 / row["perf/updates_per_sec"] for row in history
-                     if row["step"] > 1)
-    return seconds[len(seconds) // 2] if seconds else None
+    seconds = [1.0 / row["perf/updates_per_sec"] for row in history
+               if row["step"] > 1]
+    return statistics.median(seconds) if seconds else None
 
 
 def _final(folder):
