@@ -394,17 +394,40 @@ class RunSetup:
     probe_set: retention.ProbeSet | None = None
 
 
-def build_run(config, settings: run_config.RunSettings | None = None
-              ) -> RunSetup:
-    """Load the model and build prompts, reference policy and train state."""
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """A frozen base model that a caller built instead of loading one.
+
+    Attributes:
+      config: its ModelConfig; its dtypes are used as they are.
+      params: its parameter tree.
+      tokenizer: a tokenizer whose token ids are below config.vocab_size.
+    """
+
+    config: object
+    params: dict
+    tokenizer: object
+
+
+def build_run(config, settings: run_config.RunSettings | None = None,
+              model: BaseModel | None = None) -> RunSetup:
+    """Load the model and build prompts, reference policy and train state.
+
+    With `model` given, that model is used and `config.model.name`,
+    `config.model.dtype` and `config.model.param_dtype` are ignored.
+    """
     settings = settings or run_config.validate(config)
 
-    log.info("Loading the model %r.", config.model.name)
-    source = loading.resolve_source(config.model.name)
-    model_config, base_params = loading.load_config_and_params(
-        source, dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype)
-    tokenizer = tokenizer_lib.load_tokenizer(source)
+    if model is None:
+        log.info("Loading the model %r.", config.model.name)
+        source = loading.resolve_source(config.model.name)
+        model_config, base_params = loading.load_config_and_params(
+            source, dtype=config.model.dtype,
+            param_dtype=config.model.param_dtype)
+        tokenizer = tokenizer_lib.load_tokenizer(source)
+    else:
+        model_config, base_params = model.config, model.params
+        tokenizer = model.tokenizer
 
     log.info("Building the prompts.")
     game = payoffs_lib.get_game(config.game)
