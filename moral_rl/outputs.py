@@ -162,7 +162,8 @@ def population_table(agents, histories) -> dict:
       {"agents": names, "meetings": [i][j] number of updates i played j,
       and for each key of PAIR_COLUMNS, [i][j] the mean of that column of
       agent i over the updates it played j (None where they never met),
-      plus "overall": {key: [i] the mean over all of i's updates}}.
+      "last": {key: [i][j] the value at their last meeting}, and
+      "overall": {key: [i] the mean over all of i's updates}}.
     """
     names = [agent.name for agent in agents]
     size = len(agents)
@@ -175,7 +176,16 @@ def population_table(agents, histories) -> dict:
             for key, column in PAIR_COLUMNS.items():
                 sums[key][i, j] += record[column]
 
-    table = {"agents": names, "meetings": meetings.tolist()}
+    # The averages include the first updates, when the agents have not
+    # learned yet, so the values of each pair's last meeting are kept too.
+    last = {key: [[None] * size for _ in range(size)] for key in PAIR_COLUMNS}
+    for i, history in enumerate(histories):
+        for record in history:
+            j = int(record["population/partner"])
+            for key, column in PAIR_COLUMNS.items():
+                last[key][i][j] = record[column]
+
+    table = {"agents": names, "meetings": meetings.tolist(), "last": last}
     played = np.maximum(meetings.sum(axis=1), 1)
     table["overall"] = {key: (total.sum(axis=1) / played).tolist()
                         for key, total in sums.items()}
@@ -206,7 +216,11 @@ def population_markdown(table) -> str:
     for i, name in enumerate(names):
         cells = [f"{table['overall'][key][i]:.3f}" for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key in ("cooperation", "exploitation"):
+        lines += ["", f"## {PAIR_TITLES[key]}, at their last meeting", ""]
+        lines += _matrix_markdown(names, table["last"][key])
     for key in keys:
-        lines += ["", f"## {PAIR_TITLES[key]}", ""]
+        lines += ["", f"## {PAIR_TITLES[key]}, mean over their meetings",
+                  ""]
         lines += _matrix_markdown(names, table[key])
     return "\n".join(lines) + "\n"

@@ -197,6 +197,9 @@ def test_population_table_averages_per_partner():
     assert table["deontological_regret"][0][1] == pytest.approx(2.0)
     assert table["utilitarian_regret"][1][0] == pytest.approx(0.1)
     assert table["cooperation"][2][2] is None
+    assert table["last"]["cooperation"][0][1] == pytest.approx(0.4)
+    assert table["last"]["exploitation"][2][0] == pytest.approx(0.9)
+    assert table["last"]["cooperation"][1][1] is None
     # The overall column weighs every update alike, not every partner.
     assert table["overall"]["cooperation"][0] == pytest.approx(0.2)
     assert table["overall"]["deontological_regret"][2] == pytest.approx(3.0)
