@@ -9,7 +9,7 @@
 # machine's memory does not hold all adapters' activations, pass
 # --config.adapter_batch=K: the update then runs K adapters at a time,
 # still in one program. Devices: --config.mesh.adapter=N splits the agents
-# over N accelerators (see README, "Sweeps and devices").
+# over N accelerators (see README, "Sweeps, learning opponents and devices").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $# -lt 2 ]]; then

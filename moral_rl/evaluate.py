@@ -494,15 +494,16 @@ def parse_args(argv):
                         help="prompt variants, comma-separated (default: "
                              f"all: {', '.join(prompts_lib.TEMPLATES)})")
     parser.add_argument("--action_strings", default="action3,action4",
-                        help="C's and D's test-time strings")
+                        help="C's and D's test-time strings "
+                             "(default: action3,action4)")
     parser.add_argument("--opponent", default="random",
-                        help="opponent of the test games")
+                        help="opponent of the test games (default: random)")
     parser.add_argument("--num_games", type=int, default=50,
-                        help="test games per seed")
+                        help="test games per seed (default: 50)")
     parser.add_argument("--num_seeds", type=int, default=5,
-                        help="independent sets of test games")
+                        help="independent sets of test games (default: 5)")
     parser.add_argument("--num_rounds", type=int, default=1,
-                        help="rounds per test game")
+                        help="rounds per test game (default: 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="PRNG seed of the test games and free text")
 
