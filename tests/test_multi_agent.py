@@ -179,7 +179,7 @@ def test_population_table_averages_per_partner():
                               reward_schedule=reward, opponent="learner",
                               member=i)
               for i, reward in enumerate(("game", "utilitarian", "game"))]
-    # Agent 0 met agent 1 twice and agent 2 once; 1 and 2 met once.
+    # Agent 0 met agent 1 twice and agent 2 once. Agents 1 and 2 met once.
     histories = [
         [_record(1, 0.2, 0.5, 1.0), _record(1, 0.4, 0.3, 3.0),
          _record(2, 0.0, 0.0, 0.0)],
@@ -205,7 +205,8 @@ def test_population_table_averages_per_partner():
     assert table["overall"]["deontological_regret"][2] == pytest.approx(3.0)
     markdown = outputs.population_markdown(table)
     assert "| agent \\ partner |" in markdown
-    assert "D|C rate" in markdown and "| 0.300 |" in markdown
+    assert "D|C rate" in markdown
+    assert "| 0.300 |" in markdown
 
 
 @pytest.mark.slow
