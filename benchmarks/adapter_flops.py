@@ -34,7 +34,6 @@ With --out the report is also written as JSON.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -47,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import matmul_peak, memory_estimate, train_update  # noqa: E402
 from configs import ipd  # noqa: E402
-from moral_rl import run_config, train  # noqa: E402
+from moral_rl import outputs, run_config, train  # noqa: E402
 from moral_rl.models import config as config_lib  # noqa: E402
 from moral_rl.models import loading  # noqa: E402
 from moral_rl.models import lora as lora_lib  # noqa: E402
@@ -84,8 +83,7 @@ def model_config(shape: str, dtype: str) -> config_lib.ModelConfig:
 
 
 def base_param_count(config: config_lib.ModelConfig) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        loading.expected_param_shapes(config)))
+    return lora_lib.count_parameters(loading.expected_param_shapes(config))
 
 
 def random_params(key, config: config_lib.ModelConfig) -> dict:
@@ -415,8 +413,7 @@ def main(argv=None) -> dict:
     print_report(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        outputs.write_json(args.out, report)
     return report
 
 

@@ -17,10 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moral_rl.models import config as config_lib
 from moral_rl.models import loading
+from moral_rl.models import lora as lora_lib
 from moral_rl.models.transformer import LoRASpec, Transformer
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -41,10 +41,6 @@ MODELS = {
 }
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def parameter_counts(config: config_lib.ModelConfig, lora_rank: int) -> dict:
     """Count base and adapter parameters with `jax.eval_shape`.
 
@@ -59,7 +55,8 @@ def parameter_counts(config: config_lib.ModelConfig, lora_rank: int) -> dict:
         functools.partial(model.init, method=None), jax.random.key(0),
         tokens, tokens, tokens.astype(bool))
     base = loading.expected_param_shapes(config)
-    return {"base": _count(base), "lora": _count(variables["lora"])}
+    return {"base": lora_lib.count_parameters(base),
+            "lora": lora_lib.count_parameters(variables["lora"])}
 
 
 def activation_bytes(config: config_lib.ModelConfig, batch: int,

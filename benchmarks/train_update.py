@@ -55,8 +55,8 @@ def update_flops(model_config, lora_params, prompt_set, answers, ppo_config):
     """Analytic model FLOPs of one update (see the module docstring)."""
     cfg = model_config
     embedding = cfg.vocab_size * cfg.hidden_size
-    dense = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        loading.expected_param_shapes(cfg))) - embedding
+    dense = lora_lib.count_parameters(
+        loading.expected_param_shapes(cfg)) - embedding
     if not cfg.tie_word_embeddings:
         dense -= embedding
     per_token = 2 * (dense + lora_params)
