@@ -169,20 +169,15 @@ def population_table(agents, histories) -> dict:
     size = len(agents)
     sums = {key: np.zeros((size, size)) for key in PAIR_COLUMNS}
     meetings = np.zeros((size, size), np.int64)
-    for i, history in enumerate(histories):
-        for record in history:
-            j = int(record["population/partner"])
-            meetings[i, j] += 1
-            for key, column in PAIR_COLUMNS.items():
-                sums[key][i, j] += record[column]
-
     # The averages include the first updates, when the agents have not
     # learned yet, so the values of each pair's last meeting are kept too.
     last = {key: [[None] * size for _ in range(size)] for key in PAIR_COLUMNS}
     for i, history in enumerate(histories):
         for record in history:
             j = int(record["population/partner"])
+            meetings[i, j] += 1
             for key, column in PAIR_COLUMNS.items():
+                sums[key][i, j] += record[column]
                 last[key][i][j] = record[column]
 
     table = {"agents": names, "meetings": meetings.tolist(), "last": last}
