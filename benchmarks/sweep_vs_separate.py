@@ -34,8 +34,9 @@ def _run(args, workdir):
 
 
 def _update_seconds(folder):
-    """Median time of the updates after the first, which includes
-    compilation, from the run's history (None with one update)."""
+    """Return the median time of the updates after the first (which
+    includes compilation) from the run's history, or None with one
+    update."""
     with open(os.path.join(folder, "history.json")) as f:
         history = json.load(f)
     seconds = [1.0 / row["perf/updates_per_sec"] for row in history

@@ -419,7 +419,8 @@ def evaluate(models, settings: EvalSettings, out_dir: str) -> list[dict]:
         records += model_records
 
     figures.write_csv(os.path.join(out_dir, METRICS_FILE), rows)
-    outputs_lib.write_json(os.path.join(out_dir, DISTRIBUTIONS_FILE), distributions)
+    outputs_lib.write_json(os.path.join(out_dir, DISTRIBUTIONS_FILE),
+                           distributions)
     outputs_lib.write_json(os.path.join(out_dir, FOLLOWUPS_FILE), records)
     outputs_lib.write_json(os.path.join(out_dir, SETTINGS_FILE), {
         "settings": dataclasses.asdict(settings),
